@@ -1,0 +1,176 @@
+"""HF ↔ ours conversion: round trips through transformers, shards, .bin files, bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import hf_logits, make_hf_model
+from xwin_jax.checkpoints import hf
+from xwin_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsReader
+from xwin_jax.models.config import UnsupportedConfigError
+from xwin_jax.models.llama import Llama, init_params, preset
+
+TOKENS = np.random.default_rng(1).integers(0, 97, size=(2, 17))
+
+
+def load_with_transformers(path, **kwargs):
+    import transformers
+    model, info = transformers.LlamaForCausalLM.from_pretrained(
+        path, output_loading_info=True, **kwargs)
+    assert not info["missing_keys"], info
+    assert not info["unexpected_keys"], info
+    assert not info["mismatched_keys"], info
+    return model.eval()
+
+
+def test_hf_to_ours_to_hf_sharded_round_trip(hf_model_dir, tmp_path):
+    path, model = hf_model_dir()
+    cfg, params = hf.load_hf(path, dtype="float32")
+    out = str(tmp_path / "export")
+    files = hf.save_hf(cfg, params, out, dtype="float32", max_shard_size="60KB")
+    assert len(files) >= 2
+    index = json.load(open(os.path.join(out, hf.SAFETENSORS_INDEX)))
+    assert sorted(set(index["weight_map"].values())) == sorted(files)
+    reloaded = load_with_transformers(out)
+    # fp32 all the way: the re-exported model must be bit-identical in its outputs.
+    np.testing.assert_array_equal(hf_logits(reloaded, TOKENS), hf_logits(model, TOKENS))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_ours_to_hf_to_ours_is_exact(tmp_path, tied):
+    cfg = preset("tiny", tie_word_embeddings=tied)
+    params = init_params(cfg, jax.random.key(3))
+    hf.save_hf(cfg, params, str(tmp_path / "hf"), dtype="float32")
+    cfg2, params2 = hf.load_hf(str(tmp_path / "hf"), dtype=cfg.dtype)
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+    reloaded = load_with_transformers(str(tmp_path / "hf"))
+    tokens = np.arange(30).reshape(2, 15)
+    ours = np.asarray(Llama(cfg).apply({"params": params}, jnp.asarray(tokens)))
+    np.testing.assert_allclose(hf_logits(reloaded, tokens), ours, atol=1e-4, rtol=0)
+
+
+def test_bfloat16_export_loads_in_transformers(tmp_path):
+    import torch
+    cfg = preset("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    hf.save_hf(cfg, params, str(tmp_path / "hf"))  # bf16 is the default
+    reader = SafetensorsReader(str(tmp_path / "hf" / hf.SAFETENSORS_FILE))
+    assert reader.get("model.norm.weight").dtype.name == "bfloat16"
+    model = load_with_transformers(str(tmp_path / "hf"), dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    expected = np.asarray(params["embed_tokens"]["embedding"]).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().float().numpy(),
+                                  expected.astype(np.float32))
+
+
+def _write_bin(model, path):
+    """A legacy pytorch_model.bin directory (transformers 5 no longer writes one itself)."""
+    import torch
+    model.config.save_pretrained(path)
+    torch.save(model.state_dict(), os.path.join(path, hf.TORCH_FILE))
+
+
+def test_pytorch_bin_checkpoint(tmp_path):
+    model = make_hf_model()
+    _write_bin(model, tmp_path)
+    cfg, params = hf.load_hf(str(tmp_path), dtype="float32")
+    ours = np.asarray(Llama(cfg).apply({"params": params}, jnp.asarray(TOKENS)))
+    np.testing.assert_allclose(ours, hf_logits(model, TOKENS), atol=1e-4, rtol=0)
+
+
+def test_pytorch_bin_without_torch_is_a_clear_error(tmp_path, monkeypatch):
+    _write_bin(make_hf_model(), tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*needs PyTorch"):
+        hf.load_hf(str(tmp_path))
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def _rewrite_config(path, **changes):
+    config_path = os.path.join(path, "config.json")
+    config = json.load(open(config_path))
+    config.update(changes)
+    json.dump(config, open(config_path, "w"))
+    return config_path
+
+
+def _rewrite_weights(path, drop=(), add=None):
+    from safetensors.numpy import save_file
+    file = os.path.join(path, hf.SAFETENSORS_FILE)
+    reader = SafetensorsReader(file)
+    tensors = {k: np.array(reader.get(k)) for k in reader.keys() if k not in drop}
+    tensors.update(add or {})
+    del reader
+    save_file(tensors, file, metadata={"format": "pt"})
+    return file
+
+
+def test_missing_tensor_is_named(hf_model_dir):
+    path, _ = hf_model_dir()
+    _rewrite_weights(path, drop=["model.layers.1.mlp.up_proj.weight"])
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
+        hf.load_hf(path)
+
+
+def test_wrong_shape_names_tensor_and_file(hf_model_dir):
+    path, _ = hf_model_dir()
+    _rewrite_config(path, intermediate_size=128)
+    with pytest.raises(CheckpointError,
+                       match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.gate_proj"
+                             r"\.weight' has shape \[96, 64\], expected \[128, 64\]"):
+        hf.load_hf(path)
+
+
+def test_unexpected_tensor_is_named(hf_model_dir):
+    path, _ = hf_model_dir()
+    _rewrite_weights(path, add={"model.layers.0.self_attn.q_proj.bias":
+                                np.zeros(64, np.float32)})
+    with pytest.raises(CheckpointError, match=r"unexpected tensors.*q_proj\.bias"):
+        hf.load_hf(path)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("architectures", ["MistralForCausalLM"]),
+    ("model_type", "mistral"),
+    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}),
+    ("attention_bias", True),
+    ("mlp_bias", True),
+    ("hidden_act", "gelu"),
+])
+def test_unsupported_config_field_is_named(hf_model_dir, field, value):
+    path, _ = hf_model_dir()
+    config_path = _rewrite_config(path, **{field: value})
+    with pytest.raises(UnsupportedConfigError) as err:
+        hf.load_hf(path)
+    assert config_path in str(err.value) and repr(field) in str(err.value)
+
+
+def test_missing_weights_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match=r"config\.json: missing"):
+        hf.load_hf(str(tmp_path))
+    make_hf_model().config.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"no weights found"):
+        hf.load_hf(str(tmp_path))
+
+
+def test_corrupt_safetensors_header(hf_model_dir):
+    path, _ = hf_model_dir()
+    with open(os.path.join(path, hf.SAFETENSORS_FILE), "r+b") as f:
+        f.write(b"\xff" * 16)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        hf.load_hf(path)
+
+
+def test_parse_size():
+    assert hf.parse_size("5GB") == 5 * 10**9
+    assert hf.parse_size("2GiB") == 2 * 2**30
+    assert hf.parse_size(123) == 123
+    with pytest.raises(ValueError, match="max_shard_size"):
+        hf.parse_size("lots")

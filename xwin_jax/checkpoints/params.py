@@ -1,0 +1,57 @@
+"""A params-only checkpoint: `DIR/model_config.json` plus orbax `DIR/params/`.
+
+The hand-off format between stages inside the project (HF import writes it, HF export and
+every stage that starts from a model read it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from xwin_jax.checkpoints.safetensors_io import CheckpointError
+from xwin_jax.models import llama
+from xwin_jax.models.config import LlamaConfig
+
+MODEL_CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+
+
+def save_params(directory: str, cfg: LlamaConfig, params: Any) -> None:
+    """Writes the config and params; the params directory is replaced if it exists."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
+    checkpointer.wait_until_finished()
+    # The config goes last: its presence marks a complete checkpoint.
+    with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+
+
+def load_config(directory: str) -> LlamaConfig:
+    path = os.path.join(directory, MODEL_CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: missing; {directory} is not a complete params "
+                              f"checkpoint (written by save_params / `hf import`)")
+    with open(path) as f:
+        try:
+            return LlamaConfig.from_dict(json.load(f))
+        except (json.JSONDecodeError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{path}: {err}") from err
+
+
+def load_params(directory: str, *, scan_layers: bool | None = None) -> tuple[LlamaConfig, Any]:
+    """Restores (config, params); `scan_layers` converts to the other layer layout if asked."""
+    directory = os.path.abspath(directory)
+    cfg = load_config(directory)
+    target = llama.param_shapes(cfg)
+    params = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), target)
+    if scan_layers is not None and scan_layers != cfg.scan_layers:
+        params = (llama.stack_layers(params, cfg.num_layers) if scan_layers
+                  else llama.unstack_layers(params))
+        cfg = cfg.replace(scan_layers=scan_layers)
+    return cfg, params

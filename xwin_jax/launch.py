@@ -1,0 +1,152 @@
+"""Runs the job that gin files bind.
+
+    python -m xwin_jax.launch --gin_file=gin/runs/convert.gin \
+        --gin.DIRECTION="'import'" --gin.HF_DIR="'/models/llama'" --gin.CKPT_DIR="'/ckpt'"
+
+Flags: --gin_file (repeatable, applied in order), --gin_bindings (repeatable), the shorthand
+--gin.NAME=VALUE (= --gin_bindings='NAME = VALUE'), --gin_search_paths, and --multihost
+(jax.distributed.initialize before anything touches a device). The full gin config is written
+to OUTPUT_DIR/config.gin before the job starts and the operative one to
+OUTPUT_DIR/operative_config.gin when it ends. The only module that knows about gin.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+_GIN_FILES = flags.DEFINE_multi_string(
+    "gin_file", [], "Gin config file(s), in order; found directly or under --gin_search_paths.")
+_GIN_BINDINGS = flags.DEFINE_multi_string(
+    "gin_bindings", [], "Individual gin bindings, applied after the files.")
+_GIN_SEARCH_PATHS = flags.DEFINE_list(
+    "gin_search_paths", [".", REPO_GIN_DIR], "Where to look for --gin_file and gin includes.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first (pods, multi-process GPU).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (auto-detected on TPU and SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+_SECRET_BINDING = re.compile(r"^(\s*\S*(api_key|token|secret|password)\S*\s*=\s*).*$",
+                             re.IGNORECASE | re.MULTILINE)
+
+
+class GinConfigError(ValueError):
+    """A gin file or binding could not be parsed; the message names the file or binding."""
+
+
+def _not_a_search_probe(record: py_logging.LogRecord) -> bool:
+    # gin logs an ERROR for every search path that lacks an included file, even when a later
+    # path has it; a missing file still fails loudly with the paths it tried.
+    return not record.getMessage().startswith("Path not found")
+
+
+def rewrite_gin_args(argv: list[str]) -> list[str]:
+    """--gin.NAME=VALUE → --gin_bindings=NAME = VALUE (t5x's shorthand)."""
+    out = []
+    for arg in argv:
+        match = re.fullmatch(r"--gin\.([^=]+)=(.*)", arg, re.DOTALL)
+        out.append(f"--gin_bindings={match.group(1)} = {match.group(2)}" if match else arg)
+    return out
+
+
+def find_gin_file(name: str, search_paths: list[str]) -> str:
+    candidates = [name] + [os.path.join(p, name) for p in search_paths]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise GinConfigError(f"gin file {name!r} not found (looked in: {', '.join(candidates)})")
+
+
+def parse_gin(files: list[str], bindings: list[str], search_paths: list[str]) -> None:
+    """Parses files in order, then bindings; any error names the file or the binding."""
+    import gin
+
+    gin.clear_config()  # a second job in the same process starts from a clean slate
+    if _not_a_search_probe not in py_logging.getLogger().filters:
+        py_logging.getLogger().addFilter(_not_a_search_probe)
+    for path in search_paths:
+        gin.add_config_file_search_path(path)
+    for name in files:
+        path = find_gin_file(name, search_paths)
+        try:
+            gin.parse_config_file(path)
+        except Exception as err:  # gin raises many types; all are config errors here
+            raise GinConfigError(f"{path}: {err}") from err
+    for binding in bindings:
+        try:
+            gin.parse_config(binding)
+        except Exception as err:
+            raise GinConfigError(f"--gin_bindings {binding!r}: {err}") from err
+    gin.finalize()
+
+
+def redact(config_text: str) -> str:
+    """Gin text with the value of anything named like a secret replaced."""
+    return _SECRET_BINDING.sub(r"\1'<redacted>'", config_text)
+
+
+def _write_config(output_dir: str, file_name: str, text: str) -> None:
+    with open(os.path.join(output_dir, file_name), "w") as f:
+        f.write(redact(text))
+
+
+def run_gin_job(files: list[str], bindings: list[str],
+                search_paths: list[str] | None = None):
+    """Parses gin and runs the bound `xwin_jax.jobs.run`; returns the job's result."""
+    import gin
+
+    from xwin_jax import jobs
+
+    parse_gin(files, bindings, search_paths or [".", REPO_GIN_DIR])
+    try:
+        configured_run = gin.get_configurable(jobs.run)
+    except (ValueError, KeyError) as err:
+        raise GinConfigError(
+            f"{', '.join(files)}: no job is bound; a run file must import `xwin_jax.jobs` and "
+            f"bind `jobs.run.job` and `jobs.run.output_dir`") from err
+    output_dir_holder = {}
+
+    def on_start(output_dir):
+        output_dir_holder["dir"] = output_dir
+        _write_config(output_dir, "config.gin", gin.config_str())
+
+    result = configured_run(on_start=on_start)
+    _write_config(output_dir_holder["dir"], "operative_config.gin", gin.operative_config_str())
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _MULTIHOST.value:
+        import jax
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    if not _GIN_FILES.value:
+        raise app.UsageError("--gin_file is required (e.g. --gin_file=gin/runs/convert.gin)")
+    try:
+        run_gin_job(_GIN_FILES.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
+    except GinConfigError as err:
+        print(f"gin error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_main():
+    argv = rewrite_gin_args(sys.argv)
+    if not any(arg.startswith(("--verbosity", "-v")) for arg in argv[1:]):
+        # orbax and friends log every step of a save at INFO; keep the console for progress.
+        argv.append("--verbosity=-1")
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    run_main()

@@ -98,6 +98,8 @@ def main():
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--remat", default="none")
+    parser.add_argument("--scan_layers", choices=["preset", "true", "false"], default="preset",
+                        help="override the preset's layer layout for our model")
     parser.add_argument("--peak_tflops", type=float, default=790.0,
                         help="measured bf16 peak of the GPU (H200 here: 790)")
     args = parser.parse_args()
@@ -107,11 +109,14 @@ def main():
         torch.set_num_threads(os.cpu_count())
     print(f"backend: jax {jax.__version__} on {jax.devices()[0].device_kind}; "
           f"torch {torch.__version__} ({'cuda' if on_gpu else f'{torch.get_num_threads()} threads'})")
+    print(f"remat={args.remat} scan_layers={args.scan_layers}")
     print(f"{'config':<10} {'params':>8} {'batch x seq':>12} {'ours tok/s':>11} "
           f"{'torch tok/s':>12} {'ratio':>6} {'ours MFU':>9}")
     for name in args.configs.split(","):
         cfg = CONFIGS[name].replace(remat_policy=args.remat,
                                     dtype="bfloat16" if on_gpu else "float32")
+        if args.scan_layers != "preset":
+            cfg = cfg.replace(scan_layers=args.scan_layers == "true")
         batch = args.batch or (8 if on_gpu else 4)
         seq = args.seq or (2048 if on_gpu else (128 if name == "tiny" else 256))
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq + 1))

@@ -95,7 +95,7 @@ def test_required_macro_missing_is_reported(tmp_path):
 
 
 def test_params_checkpoint_layout_conversion(tmp_path):
-    cfg = preset("tiny")
+    cfg = preset("tiny", scan_layers=True)
     params = init_params(cfg, jax.random.key(1))
     params_ckpt.save_params(str(tmp_path), cfg, params)
     cfg2, unscanned = params_ckpt.load_params(str(tmp_path), scan_layers=False)

@@ -8,7 +8,7 @@ import pytest
 from xwin_jax.models import llama
 from xwin_jax.models.config import LlamaConfig, preset
 
-CFG = preset("tiny")
+CFG = preset("tiny", scan_layers=True)
 PARAMS = llama.init_params(CFG, jax.random.key(0))
 
 

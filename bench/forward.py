@@ -32,14 +32,6 @@ CONFIGS = {
 }
 
 
-def train_flops_per_token(cfg: LlamaConfig, seq: int) -> float:
-    """6·N (matmul params incl. LM head) + 6·L·S·d attention (fwd+bwd, causal not discounted)."""
-    matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size  # the gather is free
-    if cfg.tie_word_embeddings:
-        matmul_params += cfg.vocab_size * cfg.hidden_size
-    return 6 * matmul_params + 6 * cfg.num_layers * seq * cfg.hidden_size
-
-
 def time_it(step, iters, warmup):
     for _ in range(warmup):
         step()
@@ -123,7 +115,7 @@ def main():
         ours = bench_jax(cfg, tokens, args.iters, args.warmup)
         theirs = bench_torch(cfg, tokens[:, :seq], args.iters, args.warmup, on_gpu)
         tps_ours, tps_theirs = batch * seq / ours, batch * seq / theirs
-        mfu = (f"{tps_ours * train_flops_per_token(cfg, seq) / (args.peak_tflops * 1e12):.1%}"
+        mfu = (f"{tps_ours * cfg.train_flops_per_token(seq) / (args.peak_tflops * 1e12):.1%}"
                if on_gpu else "n/a")
         print(f"{name:<10} {cfg.num_params() / 1e6:>7.1f}M {batch:>5} x {seq:<5} "
               f"{tps_ours:>11,.0f} {tps_theirs:>12,.0f} {tps_ours / tps_theirs:>6.2f} {mfu:>9}")

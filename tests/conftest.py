@@ -5,6 +5,10 @@ import os
 # Quiet TensorFlow/XLA start-up chatter and keep JAX on the CPU in tests.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight fake CPU devices for the sharding tests; single-device code simply uses the first.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

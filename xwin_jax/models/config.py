@@ -70,6 +70,13 @@ class LlamaConfig:
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * per_layer + d + head
 
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Forward+backward FLOPs per token: 6 x matmul parameters (the embedding gather is
+        free; a tied LM head is a matmul) + 6 x layers x seq_len x hidden for attention."""
+        matmul_params = self.num_params() - self.vocab_size * self.hidden_size * (
+            0 if self.tie_word_embeddings else 1)
+        return 6.0 * matmul_params + 6.0 * self.num_layers * seq_len * self.hidden_size
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

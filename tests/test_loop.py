@@ -1,0 +1,116 @@
+"""The training loop: kill -9 and SIGTERM resume bit-identically; NaN stops before saving."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from xwin_jax.checkpoints.manager import TrainCheckpointer
+from xwin_jax.checkpoints.params import load_params
+from xwin_jax.data.toy import ReverseTask
+from xwin_jax.models.config import preset
+from xwin_jax.train import sft
+from xwin_jax.train.loop import NonFiniteError, Preempted
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = preset("tiny")
+
+
+def assert_same_params(dir_a, dir_b):
+    _, a = load_params(os.path.join(dir_a, "sft", "final"))
+    _, b = load_params(os.path.join(dir_b, "sft", "final"))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def launch_tiny_sft(workdir, steps):
+    return subprocess.Popen(
+        [sys.executable, "-m", "xwin_jax.launch", "--gin_file=gin/experiments/tiny_sft.gin",
+         f"--gin.WORKDIR='{workdir}'", f"--gin.TRAIN_STEPS={steps}",
+         "--gin.sft.train_sft.checkpoint_every=10", "--gin.sft.train_sft.eval_every=0"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_9_then_rerun_is_bit_identical(tmp_path):
+    steps = 300
+    uninterrupted = launch_tiny_sft(tmp_path / "a", steps)
+    assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stdout.read()[-3000:]
+
+    victim = launch_tiny_sft(tmp_path / "b", steps)
+    checkpoints = tmp_path / "b" / "sft" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (checkpoints.exists() and any(
+            p.name.isdigit() and int(p.name) >= 20 for p in checkpoints.iterdir())):
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "b" / "sft" / "summary.json").exists(), "killed too late"
+    saved = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert 20 <= saved < steps
+
+    rerun = launch_tiny_sft(tmp_path / "b", steps)
+    output = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, output[-3000:]
+    assert "resumed from step" in output
+    summary = json.load(open(tmp_path / "b" / "sft" / "summary.json"))
+    assert summary["resumed_from_step"] >= 20
+    assert_same_params(tmp_path / "a", tmp_path / "b")
+
+
+class Scripted:
+    """ReverseTask batches, with a hook called as each step's batch is produced."""
+
+    def __init__(self, on_step=None):
+        self.task = ReverseTask(8, 16)
+        self.seq_len = self.task.seq_len
+        self.on_step = on_step
+
+    def batches(self, start_step):
+        step = start_step
+        while True:
+            batch = self.task.local_batch(step)
+            if self.on_step:
+                batch = self.on_step(step, batch) or batch
+            yield batch
+            step += 1
+
+
+def run(workdir, data, steps=8, **kwargs):
+    return sft.train_sft(str(workdir), CFG, steps, data, learning_rate=1e-3,
+                         checkpoint_every=2, async_checkpoints=False, **kwargs)
+
+
+def test_sigterm_saves_and_the_same_call_resumes(tmp_path):
+    run(tmp_path / "a", Scripted())
+
+    def terminate_at_3(step, batch):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted, match="SIGTERM at step 4"):
+        run(tmp_path / "b", Scripted(terminate_at_3))
+    assert TrainCheckpointer(str(tmp_path / "b" / "sft" / "checkpoints")).latest_step() == 4
+    summary = run(tmp_path / "b", Scripted())
+    assert summary["resumed_from_step"] == 4
+    assert_same_params(tmp_path / "a", tmp_path / "b")
+
+
+def test_nan_stops_the_run_and_the_last_checkpoint_is_finite(tmp_path):
+    def poison_step_5(step, batch):
+        if step == 5:
+            batch = dict(batch, loss_weights=batch["loss_weights"] * np.float32("nan"))
+        return batch
+
+    with pytest.raises(NonFiniteError, match=r"step 6: loss = nan.*last checkpoint: step 4"):
+        run(tmp_path, Scripted(poison_step_5))
+    assert TrainCheckpointer(str(tmp_path / "sft" / "checkpoints")).latest_step() == 4
+    restored = ocp.StandardCheckpointer().restore(
+        str(tmp_path / "sft" / "checkpoints" / "4" / "state"))
+    assert int(restored["step"]) == 4
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))

@@ -1,0 +1,220 @@
+"""One sharding story: a ('data', 'fsdp', 'tensor') mesh and a logical-axis rule table.
+
+    partitioner = Partitioner({"data": 1, "fsdp": -1, "tensor": 1})
+    param_shardings = partitioner.shardings_for(llama.param_logical_axes(cfg), shapes)
+    params = partitioner.init(lambda: llama.init_params(cfg, key), param_shardings)
+    step = partitioner.partition(train_step, in_shardings=..., out_shardings=...,
+                                 donate_argnums=(0,))
+
+Every array that matters carries logical axis names; the rule table maps each name to mesh
+axes (or None = replicated). A job on 1 CPU, 8 fake CPU devices, one GPU or a pod runs the
+same code; only the mesh sizes and the rules change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+Rules = Sequence[tuple[str, Any]]
+
+# Weights: embed over fsdp, the wide axes over tensor. Activations (act_*): batch over
+# data+fsdp, the head/mlp/vocab axes over tensor, never embed (it is whole in every shard).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("act_batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("layers", None),
+    ("length", None),
+    ("act_length", None),
+    ("head_dim", None),
+    ("act_head_dim", None),
+    ("act_embed", None),
+    ("norm", None),
+)
+
+
+def resolve_mesh_shape(mesh_shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Fills in the one axis given as -1 with the rest of the devices; checks the product."""
+    unknown = [k for k in MESH_AXES if mesh_shape.get(k, 1) == -1]
+    extra = sorted(set(mesh_shape) - set(MESH_AXES))
+    if extra:
+        raise ValueError(f"mesh axes {extra} are unknown; use {list(MESH_AXES)}")
+    if len(unknown) > 1:
+        raise ValueError(f"mesh {dict(mesh_shape)}: only one axis may be -1")
+    sizes = {k: mesh_shape.get(k, 1) for k in MESH_AXES}
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if unknown:
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(mesh_shape)}: {num_devices} devices are not divisible "
+                             f"by the fixed axes' product {known}")
+        sizes[unknown[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices; "
+                         f"{num_devices} are available")
+    return sizes
+
+
+def _as_tuple(mesh_axes) -> tuple[str, ...]:
+    if mesh_axes is None:
+        return ()
+    return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+
+
+@dataclasses.dataclass
+class Partitioner:
+    mesh_shape: Mapping[str, int] = dataclasses.field(
+        default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    rules: Rules = DEFAULT_RULES
+    devices: Sequence[Any] | None = None
+
+    def __post_init__(self):
+        devices = list(self.devices if self.devices is not None else jax.devices())
+        wanted = math.prod(self.mesh_shape.get(k, 1) for k in MESH_AXES)
+        if self.devices is None and 0 < wanted < len(devices) and jax.process_count() == 1:
+            # A fully specified smaller mesh (e.g. mesh/single.gin) runs on the first devices.
+            devices = devices[:wanted]
+        self.sizes = resolve_mesh_shape(self.mesh_shape, len(devices))
+        shape = tuple(self.sizes[k] for k in MESH_AXES)
+        # Auto axes: GSPMD propagates shardings from the constraints we give it (the t5x /
+        # MaxText model), rather than every op's sharding being explicit in its type.
+        self.mesh = jax.make_mesh(shape, MESH_AXES, devices=devices,
+                                  axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+        self._rules = {name: _as_tuple(axes) for name, axes in self.rules}
+
+    # --- logical → physical -------------------------------------------------------------------
+
+    def spec(self, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None
+             ) -> PartitionSpec:
+        """PartitionSpec for logical names; a mesh axis that does not divide the dimension
+        (e.g. 2 KV heads over tensor=4), or that an earlier dimension already took, is dropped
+        so the dimension stays whole rather than failing."""
+        used: set[str] = set()
+        out = []
+        for dim, name in enumerate(logical_axes):
+            if name is not None and name not in self._rules:
+                raise ValueError(f"logical axis {name!r} has no rule; add one to the rule table "
+                                 f"(known: {sorted(self._rules)})")
+            axes = [a for a in (self._rules[name] if name else ()) if self.sizes[a] > 1
+                    and a not in used]
+            if shape is not None:
+                kept = []
+                for axis in axes:
+                    if shape[dim] % (math.prod(self.sizes[a] for a in kept) * self.sizes[axis]) == 0:
+                        kept.append(axis)
+                axes = kept
+            used.update(axes)
+            out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+        return PartitionSpec(*out)
+
+    def sharding(self, logical_axes, shape=None) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical_axes, shape))
+
+    def shardings_for(self, logical_tree, shape_tree) -> Any:
+        """NamedShardings for a tree of logical PartitionSpecs and matching shapes."""
+        is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+        return jax.tree.map(lambda spec, shaped: self.sharding(tuple(spec), shaped.shape),
+                            logical_tree, shape_tree, is_leaf=is_spec)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def data_sharding(self, ndim: int = 2) -> NamedSharding:
+        """Batch-major arrays: the leading axis over (data, fsdp), the rest whole."""
+        return NamedSharding(self.mesh, PartitionSpec(
+            tuple(a for a in BATCH_AXES if self.sizes[a] > 1) or None, *([None] * (ndim - 1))))
+
+    @property
+    def batch_divisor(self) -> int:
+        """The global batch must be a multiple of this."""
+        return self.sizes["data"] * self.sizes["fsdp"]
+
+    # --- placing and compiling ----------------------------------------------------------------
+
+    def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Process-local numpy batch → global arrays sharded over (data, fsdp). Each host
+        passes its own slice of the global batch (the whole batch on one host)."""
+        out = {}
+        for key, value in local_batch.items():
+            value = np.asarray(value)
+            global_rows = value.shape[0] * jax.process_count()
+            if global_rows % self.batch_divisor:
+                raise ValueError(f"batch field {key!r}: global batch {global_rows} is not "
+                                 f"divisible by data*fsdp = {self.batch_divisor}")
+            out[key] = jax.make_array_from_process_local_data(
+                self.data_sharding(value.ndim), value)
+        return out
+
+    def init(self, init_fn: Callable[[], Any], out_shardings: Any) -> Any:
+        """Runs init_fn jitted with out_shardings, so no device ever holds the full tree."""
+        with self.activation_context():
+            return jax.jit(init_fn, out_shardings=out_shardings)()
+
+    def activation_context(self):
+        """Mesh and logical rules, active while a model is traced, so the
+        nn.with_logical_constraint calls inside it become sharding constraints."""
+        return _ActivationContext(self.mesh, tuple(self.rules))
+
+    def partition(self, fn: Callable, in_shardings=None, out_shardings=None,
+                  donate_argnums: Sequence[int] = (), static_argnums: Sequence[int] = ()
+                  ) -> "PartitionedFunction":
+        """jax.jit with shardings and donation (what pjit became), traced and run under the
+        activation context."""
+        kwargs = {}
+        if in_shardings is not None:
+            kwargs["in_shardings"] = in_shardings
+        if out_shardings is not None:
+            kwargs["out_shardings"] = out_shardings
+        jitted = jax.jit(fn, donate_argnums=tuple(donate_argnums),
+                         static_argnums=tuple(static_argnums), **kwargs)
+        return PartitionedFunction(jitted, self.activation_context)
+
+
+class PartitionedFunction:
+    """A jitted function whose tracing sees the partitioner's mesh and logical rules."""
+
+    def __init__(self, jitted, context):
+        self.jitted = jitted
+        self._context = context
+
+    def __call__(self, *args):
+        with self._context():
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with self._context():
+            return self.jitted.lower(*args)
+
+
+class _ActivationContext:
+    def __init__(self, mesh, rules):
+        self._mesh_ctx = jax.set_mesh(mesh)
+        self._rules_ctx = nn.logical_axis_rules(rules)
+
+    def __enter__(self):
+        self._mesh_ctx.__enter__()
+        self._rules_ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._rules_ctx.__exit__(*exc)
+        self._mesh_ctx.__exit__(*exc)
+        return False

@@ -1,0 +1,244 @@
+"""Supervised fine-tuning: masked next-token cross-entropy, its train/eval steps, and the job.
+
+Batch fields (process-local NumPy, [B, S]): input_tokens, target_tokens, loss_weights
+(1 on assistant tokens and their </s>, else 0), and optionally segment_ids and positions for
+packed rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from xwin_jax.checkpoints import hf
+from xwin_jax.checkpoints.manager import abstract_like
+from xwin_jax.checkpoints.params import load_config, load_params, save_params
+from xwin_jax.models.config import LlamaConfig
+from xwin_jax.models.llama import Llama, init_params, param_logical_axes
+from xwin_jax.partitioning import Partitioner
+from xwin_jax.train import state as train_state
+from xwin_jax.train.loop import CHECKPOINT_DIR, train_loop
+
+SUMMARY_FILE = "summary.json"
+EXPORT_DIR = "final"
+METRIC_SUMS = ("loss_sum", "z_loss_sum", "correct", "num_tokens")
+
+
+def _chunk_stats(logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float):
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {"loss_sum": jnp.sum((log_z - target_logit) * weights),
+            "z_loss_sum": jnp.sum(z_loss * jnp.square(log_z) * weights),
+            "correct": jnp.sum(correct * weights),
+            "num_tokens": jnp.sum(weights)}
+
+
+def token_loss_sums(model: Llama, params: Any, hidden: jax.Array, targets: jax.Array,
+                    weights: jax.Array, *, z_loss: float = 0.0,
+                    chunk_size: int | None = None) -> dict[str, jax.Array]:
+    """Summed cross-entropy (and z-loss, accuracy, token count) of the LM head over hidden
+    states. With chunk_size, the head runs over sequence chunks under jax.checkpoint, so the
+    fp32 logits of the whole batch never exist at once, in the forward or backward pass."""
+    def stats(h, t, w):
+        logits = model.apply({"params": params}, h, method=Llama.logits_from_hidden)
+        return _chunk_stats(logits, t, w, z_loss)
+
+    seq_len = hidden.shape[1]
+    if not chunk_size or chunk_size >= seq_len:
+        return stats(hidden, targets, weights)
+    if seq_len % chunk_size:
+        raise ValueError(f"logits chunk_size={chunk_size} must divide seq_len={seq_len}")
+    n = seq_len // chunk_size
+
+    def to_chunks(x):  # [B, S, ...] → [n, B, chunk, ...]
+        return jnp.moveaxis(x.reshape((x.shape[0], n, chunk_size) + x.shape[2:]), 1, 0)
+
+    def body(totals, chunk):
+        chunk_totals = jax.checkpoint(stats)(*chunk)
+        return jax.tree.map(jnp.add, totals, chunk_totals), None
+
+    zeros = {k: jnp.zeros((), jnp.float32) for k in METRIC_SUMS}
+    totals, _ = jax.lax.scan(body, zeros, (to_chunks(hidden), to_chunks(targets),
+                                           to_chunks(weights)))
+    return totals
+
+
+def sft_loss_fn(model_cfg: LlamaConfig, *, z_loss: float = 0.0,
+                chunk_size: int | None = None) -> Callable:
+    """(params, batch) → (summed objective, metric sums), the form accumulate_gradients takes."""
+    model = Llama(model_cfg)
+
+    def loss_fn(params, batch):
+        hidden = model.apply({"params": params}, batch["input_tokens"],
+                             positions=batch.get("positions"),
+                             segment_ids=batch.get("segment_ids"), return_hidden=True)
+        sums = token_loss_sums(model, params, hidden, batch["target_tokens"],
+                               batch["loss_weights"].astype(jnp.float32), z_loss=z_loss,
+                               chunk_size=chunk_size)
+        return sums["loss_sum"] + sums["z_loss_sum"], sums
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, num_micro_batches: int = 1) -> Callable:
+    """(state, batch) → (state, metrics); gradients normalised by the global target count."""
+    def step(state, batch):
+        _, sums, grads = train_state.accumulate_gradients(loss_fn, state.params, batch,
+                                                          num_micro_batches)
+        num_tokens = jnp.maximum(sums["num_tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / num_tokens, grads)
+        metrics = {
+            "loss": sums["loss_sum"] / num_tokens,
+            "z_loss": sums["z_loss_sum"] / num_tokens,
+            "accuracy": sums["correct"] / num_tokens,
+            "num_target_tokens": sums["num_tokens"],
+            "num_input_tokens": jnp.asarray(batch["input_tokens"].size, jnp.float32),
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+        }
+        return train_state.apply_gradients(state, grads, optimizer), metrics
+    return step
+
+
+def make_eval_step(loss_fn: Callable) -> Callable:
+    """(params, batch) → metric sums; divide after summing over the eval set."""
+    def step(params, batch):
+        return loss_fn(params, batch)[1]
+    return step
+
+
+def initial_model(model: LlamaConfig, init_hf_dir: str | None, init_params_dir: str | None,
+                  load_weights: bool = True) -> tuple[LlamaConfig, Any | None]:
+    """The model config and host params to start from (params None: random init). The
+    architecture comes from the checkpoint; numerics and layout (dtype, remat, ...) from
+    `model`. Without load_weights only the config is read (a resumed run)."""
+    ours = dict(dtype=model.dtype, param_dtype=model.param_dtype, scan_layers=model.scan_layers,
+                remat_policy=model.remat_policy, attention_impl=model.attention_impl)
+    if init_hf_dir and init_params_dir:
+        raise ValueError("set init_hf_dir or init_params_dir, not both")
+    if init_hf_dir:
+        if not load_weights:
+            return hf.read_hf_config(init_hf_dir, **ours), None
+        return hf.load_hf(init_hf_dir, **ours)
+    if init_params_dir:
+        if not load_weights:
+            return load_config(init_params_dir).replace(**ours), None
+        cfg, params = load_params(init_params_dir, scan_layers=model.scan_layers)
+        return cfg.replace(**ours), params
+    return model, None
+
+
+def train_sft(workdir: str, model: LlamaConfig, train_steps: int, train_data: Any, *,
+              partitioner: Partitioner | None = None, stage: str = "sft",
+              learning_rate: float = 2e-5, warmup_steps: int = 0, decay: str = "cosine",
+              final_learning_rate_ratio: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+              eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+              z_loss: float = 0.0, num_micro_batches: int = 1,
+              logits_chunk_size: int | None = None, checkpoint_every: int = 100,
+              keep_checkpoints: int = 3, async_checkpoints: bool = True,
+              eval_data: Any = None, eval_batches: int = 4, eval_every: int = 0,
+              init_hf_dir: str | None = None, init_params_dir: str | None = None,
+              seed: int = 0, peak_tflops: float | None = None) -> dict:
+    """The SFT job: trains (or resumes) into WORKDIR/<stage>/ and exports the final params to
+    WORKDIR/<stage>/final (a params checkpoint the next stage loads). `train_data` and
+    `eval_data` have `.batches(start_step)` and `.seq_len` (e.g. data.toy.ReverseTask)."""
+    stage_dir = os.path.join(workdir, stage)
+    summary_path = os.path.join(stage_dir, SUMMARY_FILE)
+    if os.path.exists(summary_path):
+        print(f"[{stage}] already finished ({summary_path}); delete it to train again")
+        with open(summary_path) as f:
+            return json.load(f)
+    started = time.perf_counter()
+    partitioner = partitioner or Partitioner()
+    resuming = os.path.isdir(os.path.join(stage_dir, CHECKPOINT_DIR))
+    model, host_params = initial_model(model, init_hf_dir, init_params_dir,
+                                       load_weights=not resuming)
+
+    schedule = train_state.make_schedule(learning_rate, train_steps, warmup_steps, decay,
+                                         final_learning_rate_ratio)
+    optimizer = train_state.make_optimizer(schedule, b1=b1, b2=b2, eps=eps,
+                                           weight_decay=weight_decay,
+                                           max_grad_norm=max_grad_norm)
+    param_shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(seed)))
+    param_shardings = partitioner.shardings_for(param_logical_axes(model), param_shapes)
+    abstract = jax.eval_shape(lambda p: train_state.init_state(p, optimizer), param_shapes)
+    shardings = state_shardings(partitioner, optimizer, abstract, param_shardings)
+
+    def init_state():
+        if host_params is None:
+            params = partitioner.init(lambda: init_params(model, jax.random.key(seed)),
+                                      param_shardings)
+        else:
+            params = jax.tree.map(_put_global, host_params, param_shardings)
+        init = jax.jit(lambda p: train_state.init_state(p, optimizer), out_shardings=shardings)
+        return init(params)
+
+    loss_fn = sft_loss_fn(model, z_loss=z_loss, chunk_size=logits_chunk_size)
+    batch_sharding = partitioner.data_sharding(2)
+    step_fn = partitioner.partition(
+        make_train_step(loss_fn, optimizer, schedule, num_micro_batches),
+        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+        donate_argnums=(0,))
+    eval_fn = None
+    if eval_data is not None:
+        eval_step = partitioner.partition(make_eval_step(loss_fn),
+                                          in_shardings=(param_shardings, batch_sharding))
+
+        def eval_fn(state):
+            totals = None
+            batches = eval_data.batches(0)
+            for _ in range(eval_batches):
+                sums = jax.device_get(eval_step(state.params, partitioner.shard_batch(
+                    next(batches))))
+                totals = sums if totals is None else jax.tree.map(lambda a, b: a + b,
+                                                                   totals, sums)
+            n = max(float(totals["num_tokens"]), 1.0)
+            return {"loss": float(totals["loss_sum"]) / n,
+                    "accuracy": float(totals["correct"]) / n}
+
+    state, summary = train_loop(
+        stage_dir=stage_dir, num_steps=train_steps, partitioner=partitioner,
+        init_state=init_state, abstract_state=abstract_like(abstract, shardings),
+        train_step=step_fn, batches=train_data.batches, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, async_checkpoints=async_checkpoints,
+        eval_fn=eval_fn, eval_every=eval_every,
+        flops_per_token=model.train_flops_per_token(train_data.seq_len),
+        peak_tflops=peak_tflops, description=stage)
+    export_dir = os.path.join(stage_dir, EXPORT_DIR)
+    save_params(export_dir, model, state.params)
+    summary.update(stage=stage, export_dir=export_dir, num_params=model.num_params(),
+                   wall_time_s=round(time.perf_counter() - started, 2))
+    if jax.process_index() == 0:
+        with open(summary_path + ".partial", "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(summary_path + ".partial", summary_path)
+        print(f"[{stage}] done: {train_steps} steps, final loss "
+              f"{summary['final_train_loss']}, params → {export_dir}")
+    return summary
+
+
+def _put_global(host_array, sharding):
+    """A host array (the same on every process) → a global array, each device taking its
+    shard, so no device ever holds more than its part."""
+    return jax.make_array_from_callback(host_array.shape, sharding,
+                                        lambda index: host_array[index])
+
+
+def state_shardings(partitioner: Partitioner, optimizer: optax.GradientTransformation,
+                    abstract_state: train_state.TrainState, param_shardings: Any
+                    ) -> train_state.TrainState:
+    """Optimizer moments shard like their params; scalars (step, counts) are replicated."""
+    opt = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract_state.opt_state, param_shardings,
+        transform_non_params=lambda _: partitioner.replicated)
+    return train_state.TrainState(step=partitioner.replicated, params=param_shardings,
+                                  opt_state=opt)

@@ -11,6 +11,7 @@ from xwin_jax.models.config import preset
 from xwin_jax.partitioning import Partitioner, resolve_mesh_shape
 from xwin_jax.train import sft
 from xwin_jax.train import state as train_state
+from xwin_jax.train.sharded import ShardedTraining
 
 
 def test_eight_fake_devices():
@@ -60,15 +61,9 @@ def _train_three_steps(mesh_shape):
     part = Partitioner(mesh_shape)
     schedule = train_state.make_schedule(1e-3, 3)
     optimizer = train_state.make_optimizer(schedule)
-    shapes = llama.param_shapes(cfg)
-    param_shardings = part.shardings_for(llama.param_logical_axes(cfg), shapes)
-    params = part.init(lambda: llama.init_params(cfg, jax.random.key(0)), param_shardings)
-    abstract = jax.eval_shape(lambda p: train_state.init_state(p, optimizer), shapes)
-    shardings = sft.state_shardings(part, optimizer, abstract, param_shardings)
-    state = jax.jit(lambda p: train_state.init_state(p, optimizer), out_shardings=shardings)(params)
-    step = part.partition(sft.make_train_step(sft.sft_loss_fn(cfg), optimizer, schedule),
-                          in_shardings=(shardings, part.data_sharding()),
-                          out_shardings=(shardings, None), donate_argnums=(0,))
+    setup = ShardedTraining.create(cfg, part, optimizer)
+    state = setup.init_state()
+    step = setup.partition_step(sft.make_train_step(sft.sft_loss_fn(cfg), optimizer, schedule))
     data = ReverseTask(8, 16).batches(0)
     for _ in range(3):
         state, metrics = step(state, part.shard_batch(next(data)))

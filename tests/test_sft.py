@@ -111,3 +111,19 @@ def test_gradient_clipping_happens_before_adam():
         updates, _ = optimizer.update(grads, optimizer.init(params), params)
         g = np.array([3.0, 4.0, 0.0]) * scale
         np.testing.assert_allclose(np.asarray(updates["w"]), -g / (np.abs(g) + 1.0), rtol=1e-5)
+
+
+def test_job_starts_from_an_hf_checkpoint(hf_model_dir, tmp_path):
+    """init_hf_dir is one binding: the architecture and weights come from the HF directory."""
+    from xwin_jax.checkpoints.hf import load_hf
+    from xwin_jax.checkpoints.params import load_params
+
+    path, _ = hf_model_dir(vocab_size=512)
+    summary = sft.train_sft(str(tmp_path), preset("tiny"), 2, ReverseTask(8, 16),
+                            learning_rate=0.0, init_hf_dir=path, async_checkpoints=False)
+    cfg, trained = load_params(summary["export_dir"])
+    hf_cfg, imported = load_hf(path, scan_layers=False)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads) == (64, 96, 2)
+    assert cfg.dtype == "float32"  # numerics from the gin model, architecture from HF
+    # A zero learning rate leaves the imported weights exactly as they were.
+    jax.tree.map(np.testing.assert_array_equal, trained, imported)

@@ -94,6 +94,9 @@ def redact(config_text: str) -> str:
 
 
 def _write_config(output_dir: str, file_name: str, text: str) -> None:
+    import jax
+    if jax.process_index() != 0:  # one writer per job
+        return
     with open(os.path.join(output_dir, file_name), "w") as f:
         f.write(redact(text))
 

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from xwin_jax.checkpoints.safetensors_io import CheckpointError
@@ -27,9 +28,10 @@ def save_params(directory: str, cfg: LlamaConfig, params: Any) -> None:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
     checkpointer.wait_until_finished()
-    # The config goes last: its presence marks a complete checkpoint.
-    with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+    # The config goes last (one writer): its presence marks a complete checkpoint.
+    if jax.process_index() == 0:
+        with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
 
 
 def load_config(directory: str) -> LlamaConfig:
@@ -44,11 +46,19 @@ def load_config(directory: str) -> LlamaConfig:
             raise CheckpointError(f"{path}: {err}") from err
 
 
-def load_params(directory: str, *, scan_layers: bool | None = None) -> tuple[LlamaConfig, Any]:
-    """Restores (config, params); `scan_layers` converts to the other layer layout if asked."""
+def load_params(directory: str, *, scan_layers: bool | None = None,
+                shardings: Any = None) -> tuple[LlamaConfig, Any]:
+    """Restores (config, params) onto `shardings` (a tree matching the saved layout; default:
+    the first local device, whatever topology wrote it). `scan_layers` converts to the other
+    layer layout if asked."""
     directory = os.path.abspath(directory)
     cfg = load_config(directory)
-    target = llama.param_shapes(cfg)
+    shapes = llama.param_shapes(cfg)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
     params = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), target)
     if scan_layers is not None and scan_layers != cfg.scan_layers:
         params = (llama.stack_layers(params, cfg.num_layers) if scan_layers

@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import optax
 
 from xwin_jax.checkpoints import hf
-from xwin_jax.checkpoints.manager import abstract_like
 from xwin_jax.checkpoints.params import load_config, load_params, save_params
 from xwin_jax.models.config import LlamaConfig
-from xwin_jax.models.llama import Llama, init_params, param_logical_axes
+from xwin_jax.models.llama import Llama
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train import state as train_state
 from xwin_jax.train.loop import CHECKPOINT_DIR, train_loop
+from xwin_jax.train.sharded import ShardedTraining
 
 SUMMARY_FILE = "summary.json"
 EXPORT_DIR = "final"
@@ -116,6 +116,21 @@ def make_eval_step(loss_fn: Callable) -> Callable:
     return step
 
 
+def make_eval_fn(eval_step: Callable, partitioner: Partitioner, eval_data: Any,
+                 num_batches: int) -> Callable[[Any], dict]:
+    """state → {loss, accuracy} over the first num_batches of eval_data."""
+    def evaluate(state):
+        totals = None
+        batches = eval_data.batches(0)
+        for _ in range(num_batches):
+            sums = jax.device_get(eval_step(state.params,
+                                            partitioner.shard_batch(next(batches))))
+            totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+        n = max(float(totals["num_tokens"]), 1.0)
+        return {"loss": float(totals["loss_sum"]) / n, "accuracy": float(totals["correct"]) / n}
+    return evaluate
+
+
 def initial_model(model: LlamaConfig, init_hf_dir: str | None, init_params_dir: str | None,
                   load_weights: bool = True) -> tuple[LlamaConfig, Any | None]:
     """The model config and host params to start from (params None: random init). The
@@ -168,46 +183,18 @@ def train_sft(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
     optimizer = train_state.make_optimizer(schedule, b1=b1, b2=b2, eps=eps,
                                            weight_decay=weight_decay,
                                            max_grad_norm=max_grad_norm)
-    param_shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(seed)))
-    param_shardings = partitioner.shardings_for(param_logical_axes(model), param_shapes)
-    abstract = jax.eval_shape(lambda p: train_state.init_state(p, optimizer), param_shapes)
-    shardings = state_shardings(partitioner, optimizer, abstract, param_shardings)
-
-    def init_state():
-        if host_params is None:
-            params = partitioner.init(lambda: init_params(model, jax.random.key(seed)),
-                                      param_shardings)
-        else:
-            params = jax.tree.map(_put_global, host_params, param_shardings)
-        init = jax.jit(lambda p: train_state.init_state(p, optimizer), out_shardings=shardings)
-        return init(params)
-
+    setup = ShardedTraining.create(model, partitioner, optimizer, seed)
     loss_fn = sft_loss_fn(model, z_loss=z_loss, chunk_size=logits_chunk_size)
-    batch_sharding = partitioner.data_sharding(2)
-    step_fn = partitioner.partition(
-        make_train_step(loss_fn, optimizer, schedule, num_micro_batches),
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-        donate_argnums=(0,))
+    step_fn = setup.partition_step(make_train_step(loss_fn, optimizer, schedule,
+                                                   num_micro_batches))
     eval_fn = None
     if eval_data is not None:
-        eval_step = partitioner.partition(make_eval_step(loss_fn),
-                                          in_shardings=(param_shardings, batch_sharding))
-
-        def eval_fn(state):
-            totals = None
-            batches = eval_data.batches(0)
-            for _ in range(eval_batches):
-                sums = jax.device_get(eval_step(state.params, partitioner.shard_batch(
-                    next(batches))))
-                totals = sums if totals is None else jax.tree.map(lambda a, b: a + b,
-                                                                   totals, sums)
-            n = max(float(totals["num_tokens"]), 1.0)
-            return {"loss": float(totals["loss_sum"]) / n,
-                    "accuracy": float(totals["correct"]) / n}
+        eval_fn = make_eval_fn(setup.partition_eval(make_eval_step(loss_fn)), partitioner,
+                               eval_data, eval_batches)
 
     state, summary = train_loop(
         stage_dir=stage_dir, num_steps=train_steps, partitioner=partitioner,
-        init_state=init_state, abstract_state=abstract_like(abstract, shardings),
+        init_state=lambda: setup.init_state(host_params), abstract_state=setup.abstract_state,
         train_step=step_fn, batches=train_data.batches, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, async_checkpoints=async_checkpoints,
         eval_fn=eval_fn, eval_every=eval_every,
@@ -224,21 +211,3 @@ def train_sft(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
         print(f"[{stage}] done: {train_steps} steps, final loss "
               f"{summary['final_train_loss']}, params → {export_dir}")
     return summary
-
-
-def _put_global(host_array, sharding):
-    """A host array (the same on every process) → a global array, each device taking its
-    shard, so no device ever holds more than its part."""
-    return jax.make_array_from_callback(host_array.shape, sharding,
-                                        lambda index: host_array[index])
-
-
-def state_shardings(partitioner: Partitioner, optimizer: optax.GradientTransformation,
-                    abstract_state: train_state.TrainState, param_shardings: Any
-                    ) -> train_state.TrainState:
-    """Optimizer moments shard like their params; scalars (step, counts) are replicated."""
-    opt = optax.tree_utils.tree_map_params(
-        optimizer, lambda _, sharding: sharding, abstract_state.opt_state, param_shardings,
-        transform_non_params=lambda _: partitioner.replicated)
-    return train_state.TrainState(step=partitioner.replicated, params=param_shardings,
-                                  opt_state=opt)

@@ -29,6 +29,7 @@ test: $(TEST_STAMP)
 
 bench: $(TEST_STAMP)
 	$(PY) bench/forward.py
+	$(PY) bench/sft_step.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""A learnable toy SFT task (reverse a random byte string) until the real data pipeline lands.
+"""A file-free learnable SFT task (reverse a random symbol string) for tests and benchmarks.
 
 Each batch is a pure function of (seed, step), so a resumed run sees exactly the batches an
 uninterrupted one would, and each host takes its own rows of the global batch.
@@ -7,17 +7,16 @@ uninterrupted one would, and each host takes its own rows of the global batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
-
-import jax
 import numpy as np
+
+from xwin_jax.data.batching import GlobalBatches
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 FIRST_SYMBOL = 4
 
 
 @dataclasses.dataclass
-class ReverseTask:
+class ReverseTask(GlobalBatches):
     """Rows: BOS x_1..x_n SEP x_n..x_1 EOS PAD...; the loss covers the reversed half + EOS."""
     batch_size: int
     seq_len: int
@@ -46,18 +45,3 @@ class ReverseTask:
         return {"input_tokens": tokens[:, :-1], "target_tokens": tokens[:, 1:],
                 "loss_weights": weights[:, 1:],
                 "segment_ids": (tokens[:, :-1] != PAD).astype(np.int32)}
-
-    def local_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This host's rows of the global batch for `step`."""
-        count, index = jax.process_count(), jax.process_index()
-        if self.batch_size % count:
-            raise ValueError(f"batch_size={self.batch_size} does not split over {count} hosts")
-        rows = self.batch_size // count
-        return {k: v[index * rows:(index + 1) * rows]
-                for k, v in self.global_batch(step).items()}
-
-    def batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        step = start_step
-        while True:
-            yield self.local_batch(step)
-            step += 1

@@ -32,13 +32,14 @@ def assert_same_params(dir_a, dir_b):
 def launch_tiny_sft(workdir, steps):
     return subprocess.Popen(
         [sys.executable, "-m", "xwin_jax.launch", "--gin_file=gin/experiments/tiny_sft.gin",
-         f"--gin.WORKDIR='{workdir}'", f"--gin.TRAIN_STEPS={steps}",
+         f"--gin.WORKDIR='{workdir}'", f"--gin.DATA_DIR='{workdir.parent / 'data'}'",
+         f"--gin.TRAIN_STEPS={steps}", "--gin.BATCH_SIZE=8",
          "--gin.sft.train_sft.checkpoint_every=10", "--gin.sft.train_sft.eval_every=0"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_kill_9_then_rerun_is_bit_identical(tmp_path):
-    steps = 300
+    steps = 60
     uninterrupted = launch_tiny_sft(tmp_path / "a", steps)
     assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stdout.read()[-3000:]
 

@@ -297,8 +297,9 @@ def messages_to_json(messages: tuple[Message, ...]) -> list[dict]:
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
-    """Writes atomically (a temporary file renamed into place)."""
-    tmp = path + ".partial"
+    """Writes atomically (a temporary file renamed into place; concurrent writers of the
+    same content, e.g. several hosts, cannot interleave)."""
+    tmp = f"{path}.{os.getpid()}.partial"
     with open(tmp, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -177,6 +177,12 @@ def train_sft(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
     resuming = os.path.isdir(os.path.join(stage_dir, CHECKPOINT_DIR))
     model, host_params = initial_model(model, init_hf_dir, init_params_dir,
                                        load_weights=not resuming)
+    data_vocab = getattr(getattr(train_data, "vocab", None), "vocab_size", 0)
+    if data_vocab > model.vocab_size:
+        raise ValueError(f"the data's vocabulary has {data_vocab} ids but the model only "
+                         f"{model.vocab_size} (vocab_size)")
+    if hasattr(train_data, "report") and jax.process_index() == 0:
+        print(f"[{stage}] train data: {train_data.report()}")
 
     schedule = train_state.make_schedule(learning_rate, train_steps, warmup_steps, decay,
                                          final_learning_rate_ratio)

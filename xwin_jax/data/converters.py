@@ -1,0 +1,89 @@
+"""Model-ready arrays for preference pairs and generation prompts.
+
+    pairs_batch(pairs, vocab, seq_len)   → chosen_* and rejected_* rows, right-padded, each with
+                                           the mask of its response tokens (and their </s>)
+    prompts_batch(prompts, vocab, max_len) → left-padded prompt rows with positions from the mask
+
+(Packed SFT rows are `packing.pack_examples`.)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from xwin_jax.data import template
+from xwin_jax.data.formats import ASSISTANT, Conversation, Message, PreferencePair
+
+
+def _response_tokens(prompt: Conversation, response: str, vocab, seq_len: int,
+                     system: str | None) -> tuple[list[int], list[int]]:
+    """prompt + response + </s>, with a mask on the response and its </s>. Over-long rows lose
+    the start of the prompt (keeping BOS), so the response and its reward position survive."""
+    full = Conversation(prompt.messages + (Message(ASSISTANT, response),), prompt.source)
+    tokenized = template.tokenize_conversation(full, vocab, system=system)
+    # Only the final answer is the response: earlier answers are context. The template ends
+    # with it: its tokens are the trailing run of the loss mask.
+    answer_len = len(tokenized.loss_mask) - _last_zero(tokenized.loss_mask) - 1
+    prompt_len = len(tokenized.ids) - answer_len
+    mask = [0] * prompt_len + [1] * answer_len
+    ids = tokenized.ids
+    if len(ids) > seq_len:
+        overflow = len(ids) - seq_len
+        if overflow >= prompt_len - 1:
+            raise ValueError(f"{prompt.source or 'pair'}: the response alone ({answer_len} "
+                             f"tokens) does not fit seq_len={seq_len}")
+        ids = ids[:1] + ids[1 + overflow:]
+        mask = mask[:1] + mask[1 + overflow:]
+    return ids, mask
+
+
+def _last_zero(mask: Sequence[int]) -> int:
+    for i in range(len(mask) - 1, -1, -1):
+        if mask[i] == 0:
+            return i
+    return -1
+
+
+def _right_pad(rows: Sequence[Sequence[int]], length: int, pad: int, dtype) -> np.ndarray:
+    out = np.full((len(rows), length), pad, dtype)
+    for r, row in enumerate(rows):
+        out[r, :len(row)] = row
+    return out
+
+
+def pairs_batch(pairs: Sequence[PreferencePair], vocab, seq_len: int,
+                system: str | None = None) -> dict[str, np.ndarray]:
+    """chosen_tokens/rejected_tokens [B, seq_len] (right-padded with pad_id),
+    chosen_response_mask/rejected_response_mask (1 on response tokens and </s>), and the
+    judge's ratings (NaN where absent) for margins or filtering."""
+    out: dict[str, np.ndarray] = {}
+    for side in ("chosen", "rejected"):
+        rows = [_response_tokens(p.prompt, getattr(p, side), vocab, seq_len, system)
+                for p in pairs]
+        out[f"{side}_tokens"] = _right_pad([r[0] for r in rows], seq_len, vocab.pad_id, np.int32)
+        out[f"{side}_response_mask"] = _right_pad([r[1] for r in rows], seq_len, 0, np.float32)
+        out[f"{side}_rating"] = np.array([np.nan if getattr(p, f"{side}_rating") is None
+                                          else getattr(p, f"{side}_rating") for p in pairs],
+                                         np.float32)
+    return out
+
+
+def prompts_batch(prompts: Sequence[Conversation], vocab, max_len: int,
+                  system: str | None = None) -> dict[str, np.ndarray]:
+    """tokens [B, max_len] left-padded, mask (1 on real tokens), positions (0.. from the
+    first real token). Prompts longer than max_len keep BOS and their last max_len - 1 tokens."""
+    rows = []
+    for prompt in prompts:
+        ids = template.tokenize_prompt(prompt, vocab, system)
+        if len(ids) > max_len:
+            ids = ids[:1] + ids[len(ids) - max_len + 1:]
+        rows.append(ids)
+    tokens = np.full((len(rows), max_len), vocab.pad_id, np.int32)
+    mask = np.zeros((len(rows), max_len), np.int32)
+    for r, ids in enumerate(rows):
+        tokens[r, max_len - len(ids):] = ids
+        mask[r, max_len - len(ids):] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return {"tokens": tokens, "mask": mask, "positions": positions}

@@ -174,3 +174,29 @@ def test_parse_size():
     assert hf.parse_size(123) == 123
     with pytest.raises(ValueError, match="max_shard_size"):
         hf.parse_size("lots")
+
+
+def test_invalid_values_name_the_config_file(hf_model_dir):
+    path, _ = hf_model_dir()
+    config_path = _rewrite_config(path, num_key_value_heads=3)
+    with pytest.raises(CheckpointError, match=rf"{config_path}: .*num_kv_heads=3"):
+        hf.load_hf(path)
+    _rewrite_config(path, num_key_value_heads=2, rope_scaling="linear")
+    with pytest.raises(UnsupportedConfigError, match=r"'rope_scaling' = 'linear'"):
+        hf.load_hf(path)
+
+
+def test_load_hf_reads_a_sharded_index_and_keeps_unrelated_files(tmp_path):
+    cfg = preset("tiny")
+    params = init_params(cfg, jax.random.key(5))
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "training_args.bin").write_bytes(b"keep me")
+    hf.save_hf(cfg, params, str(out), dtype="float32", max_shard_size="100KB")
+    assert (out / hf.SAFETENSORS_INDEX).exists() and (out / "training_args.bin").exists()
+    cfg2, params2 = hf.load_hf(str(out), **cfg.runtime_fields())
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    hf.save_hf(cfg, params, str(out), dtype="float32")  # re-export unsharded over it
+    assert not (out / hf.SAFETENSORS_INDEX).exists() and (out / "training_args.bin").exists()
+    assert sorted(p.name for p in out.glob("model*.safetensors")) == ["model.safetensors"]

@@ -62,6 +62,9 @@ def test_kill_9_then_rerun_is_bit_identical(tmp_path):
     summary = json.load(open(tmp_path / "b" / "sft" / "summary.json"))
     assert summary["resumed_from_step"] >= 20
     assert_same_params(tmp_path / "a", tmp_path / "b")
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "sft" / "metrics.jsonl")
+             if "train/loss" in line]
+    assert steps == list(range(1, steps[-1] + 1))  # redone steps are not duplicated
 
 
 class Scripted:
@@ -115,3 +118,25 @@ def test_nan_stops_the_run_and_the_last_checkpoint_is_finite(tmp_path):
         str(tmp_path / "sft" / "checkpoints" / "4" / "state"))
     assert int(restored["step"]) == 4
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_from_its_weights(hf_model_dir,
+                                                                           tmp_path):
+    """The checkpoint directory exists before any save; a rerun must still load init weights."""
+    from xwin_jax.checkpoints.hf import load_hf
+
+    path, _ = hf_model_dir(vocab_size=512)
+
+    def poison_step_0(step, batch):
+        if step == 0:
+            return dict(batch, loss_weights=batch["loss_weights"] * np.float32("nan"))
+
+    kwargs = dict(init_hf_dir=path, learning_rate=0.0, async_checkpoints=False)
+    with pytest.raises(NonFiniteError, match="step 1"):
+        sft.train_sft(str(tmp_path), CFG, 2, Scripted(poison_step_0), **kwargs)
+    assert (tmp_path / "sft" / "checkpoints").is_dir()
+    summary = sft.train_sft(str(tmp_path), CFG, 2, Scripted(), **kwargs)
+    assert summary["resumed_from_step"] is None
+    _, trained = load_params(summary["export_dir"])
+    _, imported = load_hf(path, scan_layers=False)
+    jax.tree.map(np.testing.assert_array_equal, trained, imported)

@@ -33,14 +33,18 @@ def env_with_devices(count):
     return env
 
 
-def test_two_processes_match_one(tmp_path):
+def run_two_processes(workdir, extra=()):
     port = free_port()
     workers = [subprocess.Popen(
-        sft_command(tmp_path / "multi", ["--multihost", f"--coordinator_address=127.0.0.1:{port}",
-                                         "--num_processes=2", f"--process_id={i}"]),
+        sft_command(workdir, ["--multihost", f"--coordinator_address=127.0.0.1:{port}",
+                              "--num_processes=2", f"--process_id={i}", *extra]),
         cwd=REPO, env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True) for i in range(2)]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    return workers, [w.communicate(timeout=600)[0] for w in workers]
+
+
+def test_two_processes_match_one(tmp_path):
+    workers, outputs = run_two_processes(tmp_path / "multi")
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output[-4000:]
 
@@ -54,3 +58,10 @@ def test_two_processes_match_one(tmp_path):
                  multi_params, single_params)
     checkpoints = sorted(os.listdir(tmp_path / "multi" / "sft" / "checkpoints"))
     assert checkpoints == ["3", "6"]
+
+
+def test_a_mesh_that_does_not_split_the_batch_over_hosts_is_refused(tmp_path):
+    workers, outputs = run_two_processes(
+        tmp_path / "bad", ["--gin.MESH_SHAPE={'data': 1, 'fsdp': 1, 'tensor': 2}"])
+    assert all(w.returncode != 0 for w in workers)
+    assert any("make data*fsdp a multiple of the host count" in o for o in outputs), outputs[0][-3000:]

@@ -34,8 +34,11 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-_SECRET_BINDING = re.compile(r"^(\s*\S*(api_key|token|secret|password)\S*\s*=\s*).*$",
-                             re.IGNORECASE | re.MULTILINE)
+_BINDING = re.compile(r"^\s*[\w./%]+\s*=")
+# A binding whose parameter (the last name component) is a credential.
+_SECRET_BINDING = re.compile(
+    r"^(\s*(?:[\w./]*[./])?(?:api_key|secret|password|token|access_token|auth_token)"
+    r"\s*=\s*)(.*)$", re.IGNORECASE)
 
 
 class GinConfigError(ValueError):
@@ -89,8 +92,21 @@ def parse_gin(files: list[str], bindings: list[str], search_paths: list[str]) ->
 
 
 def redact(config_text: str) -> str:
-    """Gin text with the value of anything named like a secret replaced."""
-    return _SECRET_BINDING.sub(r"\1'<redacted>'", config_text)
+    """Gin text with the value of every credential binding replaced, continuation lines of a
+    multi-line value included."""
+    out, skipping = [], False
+    for line in config_text.splitlines(keepends=True):
+        if (skipping and line[:1] in (" ", "\t") and line.strip()
+                and not _BINDING.match(line)):
+            continue  # the rest of a redacted multi-line value
+        skipping = False
+        match = _SECRET_BINDING.match(line)
+        if match:
+            out.append(f"{match.group(1)}'<redacted>'\n")
+            skipping = True
+        else:
+            out.append(line)
+    return "".join(out)
 
 
 def _write_config(output_dir: str, file_name: str, text: str) -> None:

@@ -159,9 +159,28 @@ class Partitioner:
             if global_rows % self.batch_divisor:
                 raise ValueError(f"batch field {key!r}: global batch {global_rows} is not "
                                  f"divisible by data*fsdp = {self.batch_divisor}")
-            out[key] = jax.make_array_from_process_local_data(
-                self.data_sharding(value.ndim), value)
+            sharding = self.data_sharding(value.ndim)
+            self._check_host_rows(sharding, (global_rows,) + value.shape[1:], value.shape[0])
+            out[key] = jax.make_array_from_process_local_data(sharding, value)
         return out
+
+    def _check_host_rows(self, sharding, global_shape, local_rows) -> None:
+        """Data sources give host i the rows [i*n, (i+1)*n) of the global batch; the mesh must
+        put exactly those rows on host i's devices, i.e. split the batch (data x fsdp) at
+        least as many ways as there are hosts, in host order."""
+        if jax.process_count() == 1:
+            return
+        rows = [index[0] for index in
+                sharding.addressable_devices_indices_map(global_shape).values()]
+        start = min(r.start or 0 for r in rows)
+        stop = max(global_shape[0] if r.stop is None else r.stop for r in rows)
+        expected = (jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
+        if (start, stop) != expected:
+            raise ValueError(
+                f"mesh {self.sizes} splits the batch {self.batch_divisor} way(s) over "
+                f"{jax.process_count()} hosts: host {jax.process_index()} holds rows "
+                f"[{start}, {stop}) but feeds [{expected[0]}, {expected[1]}); make "
+                f"data*fsdp a multiple of the host count")
 
     def init(self, init_fn: Callable[[], Any], out_shardings: Any) -> Any:
         """Runs init_fn jitted with out_shardings, so no device ever holds the full tree."""

@@ -56,9 +56,7 @@ def model_stage(stage_dir: str, model: LlamaConfig, seed: int, prompt: str,
     hf_dir = os.path.join(stage_dir, "hf")
     hf.save_hf(model, params, hf_dir, dtype="float32")
     print(f"[model] exported HF safetensors → {hf_dir}")
-    reimported_cfg, reimported = hf.load_hf(hf_dir, dtype=model.dtype,
-                                            param_dtype=model.param_dtype,
-                                            scan_layers=model.scan_layers)
+    reimported_cfg, reimported = hf.load_hf(hf_dir, **model.runtime_fields())
     prompt_ids = [1] + [b + BYTE_OFFSET for b in prompt.encode()]
     tokens = jnp.asarray([prompt_ids])
     before = Llama(model).apply({"params": params}, tokens)

@@ -22,6 +22,7 @@ import shutil
 import sys
 from typing import Any, Callable, Iterator
 
+import jax
 import numpy as np
 
 from xwin_jax.checkpoints.params import load_params, save_params
@@ -35,6 +36,8 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
+# The weight files of a model (not, say, training_args.bin or adapter_model.safetensors).
+MODEL_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)")
 # Buffers some exporters write that carry no weights (recomputed from the config).
 IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -186,6 +189,9 @@ class _WeightFiles:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index_path}: not a valid index ({err!r})") from err
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: field 'weight_map' must map tensor names "
+                                  f"to files, got {type(weight_map).__name__}")
         for name, file in weight_map.items():
             path = os.path.join(self.hf_dir, file)
             if not os.path.exists(path):
@@ -222,10 +228,16 @@ def read_hf_config(hf_dir: str, **overrides) -> LlamaConfig:
             hf_config = json.load(f)
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: invalid JSON: {err}") from err
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
     try:
         return LlamaConfig.from_hf(hf_config, source=path, **overrides)
+    except UnsupportedConfigError:
+        raise
     except KeyError as err:
         raise CheckpointError(f"{path}: required field {err.args[0]!r} is missing") from err
+    except (ValueError, TypeError) as err:  # e.g. heads not divisible by KV heads
+        raise CheckpointError(f"{path}: {err}") from err
 
 
 def load_hf(hf_dir: str, **config_overrides) -> tuple[LlamaConfig, dict]:
@@ -309,6 +321,8 @@ def save_hf(cfg: LlamaConfig, params: dict, hf_dir: str, *, dtype: str = "bfloat
     out_dtype = np.dtype(dtype)
     if out_dtype.name not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"save_hf dtype={dtype!r}: choose float32, float16 or bfloat16")
+    if jax.process_index() != 0:  # one writer; params must be addressable on host 0
+        return []
     producers: dict[str, Callable[[], np.ndarray]] = {}
     entries = []
     for name, mapping, layer in expected_tensors(cfg):
@@ -344,8 +358,8 @@ def save_hf(cfg: LlamaConfig, params: dict, hf_dir: str, *, dtype: str = "bfloat
         json.dump({"bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
                    "pad_token_id": pad_token_id}, f, indent=2)
     if os.path.isdir(hf_dir):
-        for stale in os.listdir(hf_dir):  # earlier weights would shadow the new index
-            if stale.endswith((".safetensors", ".bin")) or stale in (
+        for stale in os.listdir(hf_dir):  # earlier model weights would shadow the new ones
+            if MODEL_WEIGHT_FILE.fullmatch(stale) or stale in (
                     SAFETENSORS_INDEX, TORCH_INDEX, CONFIG_FILE, "generation_config.json"):
                 os.remove(os.path.join(hf_dir, stale))
     os.makedirs(hf_dir, exist_ok=True)

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from xwin_jax.checkpoints.safetensors_io import CheckpointError
@@ -46,20 +47,26 @@ def load_config(directory: str) -> LlamaConfig:
             raise CheckpointError(f"{path}: {err}") from err
 
 
-def load_params(directory: str, *, scan_layers: bool | None = None,
-                shardings: Any = None) -> tuple[LlamaConfig, Any]:
-    """Restores (config, params) onto `shardings` (a tree matching the saved layout; default:
-    the first local device, whatever topology wrote it). `scan_layers` converts to the other
-    layer layout if asked."""
+def load_params(directory: str, *, scan_layers: bool | None = None, shardings: Any = None,
+                to_host: bool = False) -> tuple[LlamaConfig, Any]:
+    """Restores (config, params): onto `shardings` (a tree in the saved layer layout), or as
+    host NumPy arrays with to_host, or by default onto the first local device — whatever
+    topology wrote the checkpoint. `scan_layers` converts to the other layer layout."""
     directory = os.path.abspath(directory)
     cfg = load_config(directory)
     shapes = llama.param_shapes(cfg)
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, shapes)
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          shapes, shardings)
-    params = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), target)
+    path = os.path.join(directory, PARAMS_DIR)
+    if to_host:
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+        params = ocp.PyTreeCheckpointer().restore(
+            path, args=ocp.args.PyTreeRestore(item=shapes, restore_args=restore_args))
+    else:
+        if shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: device, shapes)
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              shapes, shardings)
+        params = ocp.StandardCheckpointer().restore(path, target)
     if scan_layers is not None and scan_layers != cfg.scan_layers:
         params = (llama.stack_layers(params, cfg.num_layers) if scan_layers
                   else llama.unstack_layers(params))

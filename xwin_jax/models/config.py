@@ -10,6 +10,7 @@ import jax.numpy as jnp
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "reference")
 SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM",)
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
 
 
 class UnsupportedConfigError(ValueError):
@@ -58,6 +59,11 @@ class LlamaConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def runtime_fields(self) -> dict[str, Any]:
+        """The fields an HF config does not carry: numerics, layout and kernels (as opposed to
+        the architecture)."""
+        return {name: getattr(self, name) for name in RUNTIME_FIELDS}
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
@@ -111,6 +117,9 @@ class LlamaConfig:
                 raise unsupported("architectures", hf["architectures"],
                                   f"supported here: {list(architectures)}")
         rope_theta = hf.get("rope_theta", 10000.0)
+        for field in ("rope_parameters", "rope_scaling"):
+            if hf.get(field) is not None and not isinstance(hf[field], dict):
+                raise unsupported(field, hf[field], "expected an object or null")
         rope_parameters = hf.get("rope_parameters")
         if rope_parameters is not None:
             if rope_parameters.get("rope_type", "default") != "default":

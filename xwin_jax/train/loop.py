@@ -50,6 +50,13 @@ class _StopFlag:
     def _handle(self, signum, frame):
         self.raised = True
 
+    def any_host(self) -> bool:
+        """True when any host got SIGTERM, so all of them save the same step together."""
+        if jax.process_count() == 1:
+            return self.raised
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.process_allgather(np.int32(self.raised)).any())
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -85,10 +92,13 @@ def train_loop(*, stage_dir: str, num_steps: int, partitioner: Partitioner,
     else:
         state = init_state()
     writer = MetricsWriter(stage_dir, num_steps, start_step, description=description)
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every={checkpoint_every}: use N >= 1, or 0 for only "
+                         f"the final step (and SIGTERM)")
     if latest is not None:
         writer.message(f"[{description}] resumed from step {start_step} "
                        f"({checkpointer.directory})")
-    peak = device_peak_flops(peak_tflops)
+    peak = device_peak_flops(peak_tflops, partitioner.mesh.size)
     last_saved = latest
     train_time, timed_tokens, eval_metrics, last_metrics = 0.0, 0, {}, {}
 
@@ -134,9 +144,11 @@ def train_loop(*, stage_dir: str, num_steps: int, partitioner: Partitioner,
                     writer.write(done, eval_metrics, prefix="eval")
                     writer.message(f"[{description}] step {done}: " + ", ".join(
                         f"eval {k} {v:.4f}" for k, v in eval_metrics.items()))
-                if done % checkpoint_every == 0 or done == num_steps or stop.raised:
+                stopping = stop.any_host()
+                if (checkpoint_every and done % checkpoint_every == 0) or done == num_steps \
+                        or stopping:
                     save(done)
-                if stop.raised:
+                if stopping:
                     checkpointer.wait()
                     raise Preempted(f"SIGTERM at step {done}: checkpoint saved in "
                                     f"{checkpointer.directory}; rerun the same command to resume")

@@ -15,12 +15,14 @@ PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0, "tpu v4
                "tpu v5p": 459.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v6": 918.0}
 
 
-def device_peak_flops(peak_tflops: float | None = None) -> float | None:
-    """Peak FLOP/s of all devices together, or None where unknown (CPU)."""
+def device_peak_flops(peak_tflops: float | None = None,
+                      num_devices: int | None = None) -> float | None:
+    """Peak FLOP/s of the devices a job uses (default: all), or None where unknown (CPU)."""
     if peak_tflops is None:
         kind = jax.devices()[0].device_kind.lower()
         peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-    return None if peak_tflops is None else peak_tflops * 1e12 * jax.device_count()
+    count = jax.device_count() if num_devices is None else num_devices
+    return None if peak_tflops is None else peak_tflops * 1e12 * count
 
 
 class MetricsWriter:
@@ -35,7 +37,9 @@ class MetricsWriter:
         if not self.is_writer:
             return
         os.makedirs(directory, exist_ok=True)
-        self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+        path = os.path.join(directory, "metrics.jsonl")
+        _drop_records_after(path, initial_step)  # a resumed run redoes the steps after it
+        self._jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
@@ -73,3 +77,22 @@ class MetricsWriter:
         for resource in (self._bar, self._tb, self._jsonl):
             if resource is not None:
                 resource.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Keeps the records of steps <= step (the run resumes from that checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut off by a kill
+    if len(kept) != len(lines):
+        with open(path + ".partial", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".partial", path)

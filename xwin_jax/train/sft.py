@@ -22,7 +22,7 @@ from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.llama import Llama
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train import state as train_state
-from xwin_jax.train.loop import CHECKPOINT_DIR, train_loop
+from xwin_jax.train.loop import train_loop
 from xwin_jax.train.sharded import ShardedTraining
 
 SUMMARY_FILE = "summary.json"
@@ -131,25 +131,31 @@ def make_eval_fn(eval_step: Callable, partitioner: Partitioner, eval_data: Any,
     return evaluate
 
 
-def initial_model(model: LlamaConfig, init_hf_dir: str | None, init_params_dir: str | None,
-                  load_weights: bool = True) -> tuple[LlamaConfig, Any | None]:
-    """The model config and host params to start from (params None: random init). The
-    architecture comes from the checkpoint; numerics and layout (dtype, remat, ...) from
-    `model`. Without load_weights only the config is read (a resumed run)."""
-    ours = dict(dtype=model.dtype, param_dtype=model.param_dtype, scan_layers=model.scan_layers,
-                remat_policy=model.remat_policy, attention_impl=model.attention_impl)
+def initial_model(model: LlamaConfig, init_hf_dir: str | None,
+                  init_params_dir: str | None) -> LlamaConfig:
+    """The config to train: the architecture from the starting checkpoint (if any), numerics
+    and layout (dtype, remat, ...) from `model`. Reads configs only, never weights."""
     if init_hf_dir and init_params_dir:
         raise ValueError("set init_hf_dir or init_params_dir, not both")
     if init_hf_dir:
-        if not load_weights:
-            return hf.read_hf_config(init_hf_dir, **ours), None
-        return hf.load_hf(init_hf_dir, **ours)
+        return hf.read_hf_config(init_hf_dir, **model.runtime_fields())
     if init_params_dir:
-        if not load_weights:
-            return load_config(init_params_dir).replace(**ours), None
-        cfg, params = load_params(init_params_dir, scan_layers=model.scan_layers)
-        return cfg.replace(**ours), params
-    return model, None
+        return load_config(init_params_dir).replace(**model.runtime_fields())
+    return model
+
+
+def initial_params(setup: ShardedTraining, init_hf_dir: str | None,
+                   init_params_dir: str | None) -> Any | None:
+    """The starting weights (None: random init), read only when a run starts from scratch.
+    A params checkpoint in the model's layer layout restores straight into its shardings."""
+    model = setup.model
+    if init_hf_dir:
+        return hf.load_hf(init_hf_dir, **model.runtime_fields())[1]
+    if init_params_dir:
+        if load_config(init_params_dir).scan_layers == model.scan_layers:
+            return load_params(init_params_dir, shardings=setup.param_shardings)[1]
+        return load_params(init_params_dir, scan_layers=model.scan_layers, to_host=True)[1]
+    return None
 
 
 def train_sft(workdir: str, model: LlamaConfig, train_steps: int, train_data: Any, *,
@@ -174,9 +180,7 @@ def train_sft(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
             return json.load(f)
     started = time.perf_counter()
     partitioner = partitioner or Partitioner()
-    resuming = os.path.isdir(os.path.join(stage_dir, CHECKPOINT_DIR))
-    model, host_params = initial_model(model, init_hf_dir, init_params_dir,
-                                       load_weights=not resuming)
+    model = initial_model(model, init_hf_dir, init_params_dir)
     data_vocab = getattr(getattr(train_data, "vocab", None), "vocab_size", 0)
     if data_vocab > model.vocab_size:
         raise ValueError(f"the data's vocabulary has {data_vocab} ids but the model only "
@@ -200,7 +204,8 @@ def train_sft(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
 
     state, summary = train_loop(
         stage_dir=stage_dir, num_steps=train_steps, partitioner=partitioner,
-        init_state=lambda: setup.init_state(host_params), abstract_state=setup.abstract_state,
+        init_state=lambda: setup.init_state(initial_params(setup, init_hf_dir, init_params_dir)),
+        abstract_state=setup.abstract_state,
         train_step=step_fn, batches=train_data.batches, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, async_checkpoints=async_checkpoints,
         eval_fn=eval_fn, eval_every=eval_every,

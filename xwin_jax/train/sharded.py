@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import optax
 
 from xwin_jax.checkpoints.manager import abstract_like
@@ -58,13 +59,16 @@ class ShardedTraining:
         return cls(model, partitioner, optimizer, seed, param_shardings,
                    abstract_like(abstract, shardings), shardings)
 
-    def init_state(self, host_params: Any | None = None) -> train_state.TrainState:
-        """From host params (e.g. an HF import), or a random init computed already sharded."""
-        if host_params is None:
+    def init_state(self, params: Any | None = None) -> train_state.TrainState:
+        """From params — host arrays (e.g. an HF import) or global arrays already sharded —
+        or, with None, a random init computed already sharded."""
+        if params is None:
             params = self.partitioner.init(
                 lambda: init_params(self.model, jax.random.key(self.seed)), self.param_shardings)
         else:
-            params = jax.tree.map(put_global, host_params, self.param_shardings)
+            params = jax.tree.map(
+                lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s
+                else put_global(np.asarray(x), s), params, self.param_shardings)
         init = jax.jit(lambda p: train_state.init_state(p, self.optimizer),
                        out_shardings=self.shardings)
         return init(params)

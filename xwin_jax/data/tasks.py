@@ -1,0 +1,184 @@
+"""seqio registration: SFT tasks from local files or prepared TFDS data, mixtures with rates,
+and the packed, per-host, resumable batches the training loop reads.
+
+    register_sft_task("my_sft", {"train": ["sharegpt.jsonl"], "validation": ["val.jsonl"]})
+    register_mixture("my_mix", [("my_sft", 3.0), ("other_sft", 1.0)])
+    data = SeqioSftData("my_mix", seq_len=2048, batch_size=64)   # .batches(start_step)
+
+Examples carry two features, `ids` and `loss_mask` (the Xwin template's tokens and the mask
+of answers + </s>), tokenized once per example in Python (template.py) so the mask is exact.
+Each host reads its own shard (`seqio.ShardInfo(process_index, process_count)`); shuffling is
+seeded; a resumed run replays the deterministic stream to its step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from xwin_jax.data import formats, packing, template
+from xwin_jax.data.batching import GlobalBatches
+from xwin_jax.data.vocabulary import get_vocabulary
+
+FEATURES = ("ids", "loss_mask")
+
+
+def _tf():
+    import tensorflow as tf  # deferred: TensorFlow is only needed by the seqio data path
+    tf.config.set_visible_devices([], "GPU")  # keep TF off the accelerators JAX uses
+    return tf
+
+
+def output_features():
+    import seqio
+    tf = _tf()
+    # The ids are already tokenized; seqio only passes them through (no EOS appended).
+    return {name: seqio.Feature(seqio.PassThroughVocabulary(size=0), add_eos=False,
+                                dtype=tf.int32) for name in FEATURES}
+
+
+def tokenized_examples(paths: Sequence[str], vocabulary: str, max_len: int | None,
+                       system: str | None, truncation: str, skip_invalid: bool):
+    """(ids, loss_mask) for every usable conversation of the files, in file order."""
+    vocab = get_vocabulary(vocabulary)
+    for path in paths:
+        for conversation in formats.read_sft(path, skip_invalid=skip_invalid):
+            tokenized = template.tokenize_conversation(conversation, vocab, max_len, system,
+                                                       truncation)
+            if tokenized is not None:
+                yield np.asarray(tokenized.ids, np.int32), np.asarray(tokenized.loss_mask,
+                                                                      np.int32)
+
+
+def _files_dataset_fn(split_to_paths, vocabulary, max_len, system, truncation, skip_invalid,
+                      split, shuffle_files, seed=None):
+    tf = _tf()
+    paths = split_to_paths[split]
+    if shuffle_files and seed is not None:
+        paths = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
+    signature = {name: tf.TensorSpec([None], tf.int32) for name in FEATURES}
+    generator = functools.partial(
+        lambda: ({"ids": ids, "loss_mask": mask} for ids, mask in tokenized_examples(
+            paths, vocabulary, max_len, system, truncation, skip_invalid)))
+    return tf.data.Dataset.from_generator(generator, output_signature=signature)
+
+
+def register_sft_task(name: str, split_to_paths: Mapping[str, Sequence[str]], *,
+                      vocabulary: str = "bytes", max_len: int | None = None,
+                      system: str | None = None, truncation: str = "drop_turns",
+                      skip_invalid: bool = False, overwrite: bool = True) -> str:
+    """An SFT task over local ShareGPT / chat / Alpaca files. The files are read once here so
+    a malformed record fails now, naming file:line, not deep inside tf.data."""
+    import seqio
+    for paths in split_to_paths.values():
+        for path in paths:
+            formats.read_sft(path, skip_invalid=skip_invalid)
+    source = seqio.FunctionDataSource(
+        functools.partial(_files_dataset_fn, {k: list(v) for k, v in split_to_paths.items()},
+                          vocabulary, max_len, system, truncation, skip_invalid),
+        splits=list(split_to_paths))
+    return _add_task(name, source, overwrite)
+
+
+def register_tfds_sft_task(name: str, tfds_name: str, data_dir: str,
+                           overwrite: bool = True) -> str:
+    """An SFT task over a prepared TFDS dataset (tfds_builder.py): pre-tokenized, sharded files,
+    so hosts read their own files instead of re-parsing JSON."""
+    import seqio
+    from xwin_jax.data import tfds_builder  # noqa: F401  (registers the builder with TFDS)
+    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=data_dir)
+    return _add_task(name, source, overwrite)
+
+
+def _add_task(name, source, overwrite):
+    import seqio
+    if overwrite and name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(name, source=source, output_features=output_features(),
+                           preprocessors=[], shuffle_buffer_size=10_000)
+    return name
+
+
+def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]],
+                     overwrite: bool = True) -> str:
+    import seqio
+    if overwrite and name in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.remove(name)
+    seqio.MixtureRegistry.add(name, list(tasks_and_rates))
+    return name
+
+
+@dataclasses.dataclass
+class SeqioSftData(GlobalBatches):
+    """Packed SFT batches from a seqio task or mixture. Every host packs its own shard into
+    its rows of the global batch; batch k is a pure function of (task, seed, k)."""
+    task: str
+    seq_len: int
+    batch_size: int
+    split: str = "train"
+    seed: int = 0
+    vocabulary: str = "bytes"  # the task's vocabulary: for pad_id and the model's vocab check
+
+    def __post_init__(self):
+        self.vocab = get_vocabulary(self.vocabulary)
+        self._stream = None
+        self._next_step = None
+
+    def report(self) -> str:
+        return f"seqio {self.task!r} split {self.split!r}, seed {self.seed}"
+
+    def _examples(self):
+        import seqio
+        task = seqio.get_mixture_or_task(self.task)
+        shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
+        length = {name: self.seq_len + 1 for name in FEATURES}
+        dataset = task.get_dataset(length, split=self.split, shuffle=True, seed=self.seed,
+                                   shard_info=shard, num_epochs=None)
+        for example in dataset.as_numpy_iterator():
+            yield example["ids"], example["loss_mask"]
+
+    def _rows(self):
+        """Packed rows of this host's shard, forever, in a fixed order."""
+        pending, length = [], 0
+        for ids, mask in self._examples():
+            pending.append((ids, mask))
+            length += len(ids) - 1
+            if length >= 8 * self.seq_len:  # pack a few rows' worth at a time
+                packed = packing.pack_examples(pending, self.seq_len, self.vocab.pad_id)
+                for r in range(len(packed["input_tokens"]) - 1):  # the last may still fill up
+                    yield {k: v[r] for k, v in packed.items()}
+                last = len(packed["input_tokens"]) - 1
+                pending = [e for e, s in zip(pending, _segment_rows(packed, len(pending)))
+                           if s == last]
+                length = sum(len(e[0]) - 1 for e in pending)
+
+    def local_batch(self, step: int) -> dict[str, np.ndarray]:
+        count = jax.process_count()
+        if self.batch_size % count:
+            raise ValueError(f"batch_size={self.batch_size} does not split over {count} hosts")
+        if self._stream is None or self._next_step != step:
+            self._stream, self._next_step = self._rows(), 0
+            for _ in range(step * (self.batch_size // count)):  # replay to the resumed step
+                next(self._stream)
+            self._next_step = step
+        rows = [next(self._stream) for _ in range(self.batch_size // count)]
+        self._next_step += 1
+        return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+    def global_batch(self, step: int) -> dict[str, np.ndarray]:
+        if jax.process_count() != 1:
+            raise ValueError("global_batch needs every host's shard; use local_batch")
+        return self.local_batch(step)
+
+
+def _segment_rows(packed: Mapping[str, np.ndarray], count: int) -> list[int]:
+    """The row each of the `count` packed examples went to, in order."""
+    rows = []
+    for r, segments in enumerate(packed["segment_ids"]):
+        rows += [r] * int(segments.max())
+    assert len(rows) == count, (len(rows), count)
+    return rows

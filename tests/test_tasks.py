@@ -71,3 +71,19 @@ def test_malformed_file_fails_at_registration_with_file_line(tmp_path):
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
     with pytest.raises(DataFormatError, match=rf"{path}:2: field 'output': missing"):
         tasks.register_sft_task("t_bad", {"train": [str(path)]})
+
+
+def test_tfds_prepared_data_matches_the_files(suite, tmp_path):
+    from xwin_jax.data import tfds_builder
+
+    splits = {"train": [suite["sft_train"]], "validation": [suite["sft_valid"]]}
+    builder = tfds_builder.prepare_sft("suite300", splits, str(tmp_path / "tfds"))
+    assert str(builder.info.version) == tfds_builder.VERSION
+    assert (tmp_path / "tfds" / "xwin_sft" / "suite300" / "1.0.0").is_dir()
+    tasks.register_tfds_sft_task("t_tfds", "xwin_sft/suite300:1.0.0", str(tmp_path / "tfds"))
+    tasks.register_sft_task("t_files", splits)
+    assert sorted(examples("t_tfds")) == sorted(examples("t_files"))
+    assert builder.info.splits["train"].num_examples == len(examples("t_files"))
+    again = tfds_builder.prepare_sft("suite300", splits, str(tmp_path / "tfds"))  # reused
+    assert again.info.splits["validation"].num_examples == builder.info.splits[
+        "validation"].num_examples

@@ -87,3 +87,27 @@ def test_tfds_prepared_data_matches_the_files(suite, tmp_path):
     again = tfds_builder.prepare_sft("suite300", splits, str(tmp_path / "tfds"))  # reused
     assert again.info.splits["validation"].num_examples == builder.info.splits[
         "validation"].num_examples
+
+
+def test_pairs_and_prompts_tasks(suite):
+    from xwin_jax.data import formats
+    from xwin_jax.data.vocabulary import ByteVocabulary
+
+    tasks.register_pairs_task("t_pairs", {"train": [suite["pairs_train"]]}, seq_len=400)
+    dataset = seqio.get_mixture_or_task("t_pairs").get_dataset(
+        None, split="train", shuffle=False, num_epochs=1)
+    rows = list(dataset.as_numpy_iterator())
+    pairs = formats.read_pairs(suite["pairs_train"]).records
+    assert len(rows) == len(pairs)
+    vocab = ByteVocabulary()
+    for row, pair in zip(rows[:5], pairs[:5]):
+        response = row["chosen_tokens"][row["chosen_response_mask"] > 0]
+        assert vocab.decode(response[:-1]) == " " + pair.chosen and response[-1] == vocab.eos_id
+
+    tasks.register_prompts_task("t_prompts", {"test": [suite["prompts_test"]]})
+    dataset = seqio.get_mixture_or_task("t_prompts").get_dataset(
+        None, split="test", shuffle=False, num_epochs=1)
+    rows = list(dataset.as_numpy_iterator())
+    prompts = formats.read_prompts(suite["prompts_test"]).records
+    assert [int(r["index"][0]) for r in rows] == list(range(len(prompts)))
+    assert vocab.decode(rows[0]["prompt_ids"]).endswith(f"USER: {prompts[0].text} ASSISTANT:")

@@ -1,5 +1,6 @@
-"""seqio registration: SFT tasks from local files or prepared TFDS data, mixtures with rates,
-and the packed, per-host, resumable batches the training loop reads.
+"""seqio registration: SFT, preference-pair and prompt tasks from local files, SFT tasks from
+prepared TFDS data, mixtures with rates, and the packed, per-host, resumable SFT batches the
+training loop reads.
 
     register_sft_task("my_sft", {"train": ["sharegpt.jsonl"], "validation": ["val.jsonl"]})
     register_mixture("my_mix", [("my_sft", 3.0), ("other_sft", 1.0)])
@@ -20,7 +21,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from xwin_jax.data import formats, packing, template
+from xwin_jax.data import converters, formats, packing, template
 from xwin_jax.data.batching import GlobalBatches
 from xwin_jax.data.vocabulary import get_vocabulary
 
@@ -33,12 +34,17 @@ def _tf():
     return tf
 
 
-def output_features():
+PAIR_FEATURES = ("chosen_tokens", "chosen_response_mask", "rejected_tokens",
+                 "rejected_response_mask")
+PROMPT_FEATURES = ("prompt_ids", "index")
+
+
+def output_features(names: Sequence[str] = FEATURES):
     import seqio
     tf = _tf()
     # The ids are already tokenized; seqio only passes them through (no EOS appended).
     return {name: seqio.Feature(seqio.PassThroughVocabulary(size=0), add_eos=False,
-                                dtype=tf.int32) for name in FEATURES}
+                                dtype=tf.int32) for name in names}
 
 
 def tokenized_examples(paths: Sequence[str], vocabulary: str, max_len: int | None,
@@ -54,34 +60,99 @@ def tokenized_examples(paths: Sequence[str], vocabulary: str, max_len: int | Non
                                                                       np.int32)
 
 
-def _files_dataset_fn(split_to_paths, vocabulary, max_len, system, truncation, skip_invalid,
-                      split, shuffle_files, seed=None):
+def pair_examples(paths: Sequence[str], vocabulary: str, seq_len: int, system: str | None,
+                  skip_invalid: bool):
+    """Unpadded chosen/rejected token rows with their response masks, per pair."""
+    vocab = get_vocabulary(vocabulary)
+    for path in paths:
+        for pair in formats.read_pairs(path, skip_invalid=skip_invalid):
+            row = converters.pairs_batch([pair], vocab, seq_len, system)
+            out = {}
+            for side in ("chosen", "rejected"):
+                length = int((row[f"{side}_tokens"][0] != vocab.pad_id).sum())
+                out[f"{side}_tokens"] = row[f"{side}_tokens"][0, :length]
+                out[f"{side}_response_mask"] = row[f"{side}_response_mask"][0, :length].astype(
+                    np.int32)
+            yield out
+
+
+def prompt_examples(paths: Sequence[str], vocabulary: str, system: str | None,
+                    skip_invalid: bool):
+    """Prompt ids ending in "ASSISTANT:", with the running index of the prompt."""
+    vocab = get_vocabulary(vocabulary)
+    index = 0
+    for path in paths:
+        for prompt in formats.read_prompts(path, skip_invalid=skip_invalid):
+            yield {"prompt_ids": np.asarray(template.tokenize_prompt(
+                prompt.conversation, vocab, system), np.int32),
+                "index": np.asarray([index], np.int32)}
+            index += 1
+
+
+def _sft_dicts(paths, vocabulary, max_len, system, truncation, skip_invalid):
+    for ids, mask in tokenized_examples(paths, vocabulary, max_len, system, truncation,
+                                        skip_invalid):
+        yield {"ids": ids, "loss_mask": mask}
+
+
+def _files_dataset_fn(split_to_paths, make_examples, names, split, shuffle_files, seed=None):
     tf = _tf()
     paths = split_to_paths[split]
     if shuffle_files and seed is not None:
         paths = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
-    signature = {name: tf.TensorSpec([None], tf.int32) for name in FEATURES}
-    generator = functools.partial(
-        lambda: ({"ids": ids, "loss_mask": mask} for ids, mask in tokenized_examples(
-            paths, vocabulary, max_len, system, truncation, skip_invalid)))
-    return tf.data.Dataset.from_generator(generator, output_signature=signature)
+    signature = {name: tf.TensorSpec([None], tf.int32) for name in names}
+    return tf.data.Dataset.from_generator(lambda: make_examples(paths),
+                                          output_signature=signature)
+
+
+def _register_files_task(name, split_to_paths, read, make_examples, names, overwrite):
+    """A task over local files; they are read once here so a malformed record fails now,
+    naming file:line, not deep inside tf.data."""
+    import seqio
+    for paths in split_to_paths.values():
+        for path in paths:
+            read(path)
+    source = seqio.FunctionDataSource(
+        functools.partial(_files_dataset_fn, {k: list(v) for k, v in split_to_paths.items()},
+                          make_examples, names),
+        splits=list(split_to_paths))
+    return _add_task(name, source, overwrite, names)
 
 
 def register_sft_task(name: str, split_to_paths: Mapping[str, Sequence[str]], *,
                       vocabulary: str = "bytes", max_len: int | None = None,
                       system: str | None = None, truncation: str = "drop_turns",
                       skip_invalid: bool = False, overwrite: bool = True) -> str:
-    """An SFT task over local ShareGPT / chat / Alpaca files. The files are read once here so
-    a malformed record fails now, naming file:line, not deep inside tf.data."""
-    import seqio
-    for paths in split_to_paths.values():
-        for path in paths:
-            formats.read_sft(path, skip_invalid=skip_invalid)
-    source = seqio.FunctionDataSource(
-        functools.partial(_files_dataset_fn, {k: list(v) for k, v in split_to_paths.items()},
-                          vocabulary, max_len, system, truncation, skip_invalid),
-        splits=list(split_to_paths))
-    return _add_task(name, source, overwrite)
+    """An SFT task (features ids, loss_mask) over ShareGPT / chat / Alpaca files."""
+    return _register_files_task(
+        name, split_to_paths, functools.partial(formats.read_sft, skip_invalid=skip_invalid),
+        functools.partial(_sft_dicts, vocabulary=vocabulary, max_len=max_len, system=system,
+                          truncation=truncation, skip_invalid=skip_invalid),
+        FEATURES, overwrite)
+
+
+def register_pairs_task(name: str, split_to_paths: Mapping[str, Sequence[str]], *,
+                        seq_len: int, vocabulary: str = "bytes", system: str | None = None,
+                        skip_invalid: bool = False, overwrite: bool = True) -> str:
+    """A preference-pairs task (chosen/rejected tokens and response masks, each row at most
+    seq_len long) over pairs JSONL files."""
+    return _register_files_task(
+        name, split_to_paths, functools.partial(formats.read_pairs, skip_invalid=skip_invalid),
+        functools.partial(pair_examples, vocabulary=vocabulary, seq_len=seq_len, system=system,
+                          skip_invalid=skip_invalid),
+        PAIR_FEATURES, overwrite)
+
+
+def register_prompts_task(name: str, split_to_paths: Mapping[str, Sequence[str]], *,
+                          vocabulary: str = "bytes", system: str | None = None,
+                          skip_invalid: bool = False, overwrite: bool = True) -> str:
+    """A generation-prompts task (prompt_ids ending with "ASSISTANT:", index) over prompt
+    lists (JSONL with `prompt`, or AlpacaEval's JSON with `instruction`)."""
+    return _register_files_task(
+        name, split_to_paths, functools.partial(formats.read_prompts, skip_invalid=skip_invalid),
+        functools.partial(prompt_examples, vocabulary=vocabulary, system=system,
+                          skip_invalid=skip_invalid),
+        PROMPT_FEATURES, overwrite)
 
 
 def register_tfds_sft_task(name: str, tfds_name: str, data_dir: str,
@@ -94,11 +165,11 @@ def register_tfds_sft_task(name: str, tfds_name: str, data_dir: str,
     return _add_task(name, source, overwrite)
 
 
-def _add_task(name, source, overwrite):
+def _add_task(name, source, overwrite, names=FEATURES):
     import seqio
     if overwrite and name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(name, source=source, output_features=output_features(),
+    seqio.TaskRegistry.add(name, source=source, output_features=output_features(names),
                            preprocessors=[], shuffle_buffer_size=10_000)
     return name
 

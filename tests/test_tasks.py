@@ -111,3 +111,14 @@ def test_pairs_and_prompts_tasks(suite):
     prompts = formats.read_prompts(suite["prompts_test"]).records
     assert [int(r["index"][0]) for r in rows] == list(range(len(prompts)))
     assert vocab.decode(rows[0]["prompt_ids"]).endswith(f"USER: {prompts[0].text} ASSISTANT:")
+
+
+def test_sft_trains_from_a_prepared_tfds_task_through_gin(tmp_path):
+    from xwin_jax import launch
+
+    summary = launch.run_gin_job(["experiments/tiny_sft_seqio.gin"], [
+        f"WORKDIR = '{tmp_path / 'w'}'", f"DATA_DIR = '{tmp_path / 'data'}'",
+        f"TFDS_DIR = '{tmp_path / 'tfds'}'", "TRAIN_STEPS = 4", "BATCH_SIZE = 8",
+        "sft.train_sft.eval_data = None"])
+    assert summary["steps"] == 4 and summary["tokens_seen"] == 4 * 8 * 256
+    assert (tmp_path / "tfds" / "xwin_sft" / "synthetic_seed0" / "1.0.0").is_dir()

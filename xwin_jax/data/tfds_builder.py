@@ -70,3 +70,10 @@ def prepare_sft(name: str, split_to_paths: Mapping[str, Sequence[str]], data_dir
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         try_download_gcs=False))
     return builder
+
+
+def prepare_sft_name(name: str, split_to_paths: Mapping[str, Sequence[str]], data_dir: str,
+                     **kwargs) -> str:
+    """prepare_sft, returning the TFDS name to read it by (what gin binds a task to)."""
+    prepare_sft(name, split_to_paths, data_dir, **kwargs)
+    return f"xwin_sft/{name}:{VERSION}"

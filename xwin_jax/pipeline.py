@@ -16,8 +16,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from xwin_jax import sampling
 from xwin_jax.checkpoints import hf
 from xwin_jax.checkpoints.params import save_params
 from xwin_jax.models.config import LlamaConfig
@@ -25,23 +25,6 @@ from xwin_jax.models.llama import Llama, init_params
 
 SUMMARY_FILE = "summary.json"
 BYTE_OFFSET = 3  # ids 0-2 are pad, BOS, EOS; byte b is id b + 3
-
-
-def _greedy_tokens(cfg: LlamaConfig, params, prompt_ids: list[int], num_tokens: int) -> list[int]:
-    """Greedy continuation by re-running the full forward pass per token (no KV cache).
-
-    Quadratic but exact; enough for a smoke test of a few tokens. Real generation is the
-    KV-cache sampler (sampling.py) once it lands.
-    """
-    length = len(prompt_ids) + num_tokens
-    forward = jax.jit(lambda p, toks: Llama(cfg).apply({"params": p}, toks))
-    buffer = np.zeros((1, length), np.int32)
-    buffer[0, :len(prompt_ids)] = prompt_ids
-    for t in range(len(prompt_ids), length):
-        # Causal attention: positions past t do not affect the logits at t - 1.
-        logits = forward(params, jnp.asarray(buffer))
-        buffer[0, t] = int(jnp.argmax(logits[0, t - 1]))
-    return buffer[0, len(prompt_ids):].tolist()
 
 
 def model_stage(stage_dir: str, model: LlamaConfig, seed: int, prompt: str,
@@ -66,7 +49,9 @@ def model_stage(stage_dir: str, model: LlamaConfig, seed: int, prompt: str,
           f"max |Δlogits| = {max_diff:.2e}")
     if reimported_cfg != model or max_diff > 1e-5:
         raise RuntimeError(f"HF round trip changed the model (max |Δlogits| = {max_diff})")
-    generated = _greedy_tokens(reimported_cfg, reimported, prompt_ids, num_tokens)
+    generated = sampling.generate(reimported, reimported_cfg, [prompt_ids],
+                                  [[1] * len(prompt_ids)], jax.random.key(seed),
+                                  max_new_tokens=num_tokens).tokens[0].tolist()
     print(f"[model] greedy continuation of {prompt!r} ({num_tokens} tokens, random weights): "
           f"{generated}")
     return {"num_params": model.num_params(), "hf_dir": hf_dir, "params_dir": ckpt_dir,

@@ -136,7 +136,8 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, cache=None, cache_index=None,
+                 attention_mask=None):
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         d, n, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -151,11 +152,25 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ACT_HEADS)
         key = nn.with_logical_constraint(key, ACT_KV_HEADS)
         value = nn.with_logical_constraint(value, ACT_KV_HEADS)
-        out = dot_product_attention(q, key, value, causal=True, segment_ids=segment_ids,
-                                    implementation=cfg.attention_impl)
+        new_cache = None
+        if cache is None:
+            out = dot_product_attention(q, key, value, causal=True, segment_ids=segment_ids,
+                                        implementation=cfg.attention_impl)
+        else:
+            # Decoding: write this call's keys/values at cache_index, attend over the whole
+            # cache under the caller's mask (which slots are filled, real and not in the future).
+            start = (0, cache_index, 0, 0)
+            key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)
+            value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype),
+                                                 start)
+            new_cache = {"k": key, "v": value}
+            out = dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype),
+                                        causal=False, mask=attention_mask,
+                                        implementation=cfg.attention_impl)
         out = nn.with_logical_constraint(out, ACT_HEADS)
-        return Projection((n, hd), (d,), ("heads", "head_dim", "embed"), dtype, pdtype,
-                          name="o_proj")(out)
+        out = Projection((n, hd), (d,), ("heads", "head_dim", "embed"), dtype, pdtype,
+                         name="o_proj")(out)
+        return out, new_cache
 
 
 class Mlp(nn.Module):
@@ -177,17 +192,21 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention then pre-norm SwiGLU, both residual. Returns (x, None) for nn.scan."""
+    """Pre-norm attention then pre-norm SwiGLU, both residual. Returns (x, updated KV cache or
+    None), the (carry, output) pair nn.scan expects."""
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, cache=None, cache_index=None,
+                 attention_mask=None):
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name=name)  # noqa: E731
-        x = x + Attention(cfg, name="attention")(norm("input_norm")(x), cos, sin, segment_ids)
+        attended, new_cache = Attention(cfg, name="attention")(
+            norm("input_norm")(x), cos, sin, segment_ids, cache, cache_index, attention_mask)
+        x = x + attended
         x = x + Mlp(cfg, name="mlp")(norm("post_attention_norm")(x))
-        return nn.with_logical_constraint(x, ACT_BSD), None
+        return nn.with_logical_constraint(x, ACT_BSD), new_cache
 
 
 def decoder_layer_class(cfg: LlamaConfig):
@@ -199,7 +218,10 @@ def decoder_layer_class(cfg: LlamaConfig):
                          prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
         layer = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                        # cos, sin, segment ids, the mask and cache index are shared by all
+                        # layers; each layer gets its own slice of the stacked KV cache.
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast,
+                                 nn.broadcast),
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
     return layer
 
@@ -243,10 +265,15 @@ class Llama(nn.Module):
                                       dtype, pdtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, return_hidden: bool = False):
+                 segment_ids: jax.Array | None = None, return_hidden: bool = False,
+                 cache: dict | None = None, cache_index: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None):
         """tokens [B, S] → fp32 logits [B, S, V], or the final-normed hidden states [B, S, D].
 
         positions default to 0..S-1, restarting per segment when segment_ids are given.
+        Decoding: pass `cache` (init_cache: k and v [layers, B, max_len, kv_heads, head_dim]),
+        `cache_index` (the slot of tokens[:, 0]) and `attention_mask` [B, S, max_len] (True =
+        attend); the call then returns (output, updated cache).
         """
         cfg = self.config
         if positions is None:
@@ -255,14 +282,20 @@ class Llama(nn.Module):
         cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
         x = nn.with_logical_constraint(self.embed_tokens(tokens), ACT_BSD)
         if cfg.scan_layers:
-            x, _ = self.layers(x, cos, sin, segment_ids)
+            x, new_cache = self.layers(x, cos, sin, segment_ids, cache, cache_index,
+                                       attention_mask)
         else:
-            for layer in self.layers:
-                x, _ = layer(x, cos, sin, segment_ids)
+            per_layer = []
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+                x, updated = layer(x, cos, sin, segment_ids, layer_cache, cache_index,
+                                   attention_mask)
+                per_layer.append(updated)
+            new_cache = None if cache is None else jax.tree.map(
+                lambda *xs: jnp.stack(xs), *per_layer)
         hidden = self.final_norm(x)
-        if return_hidden:
-            return hidden
-        return self.logits_from_hidden(hidden)
+        out = hidden if return_hidden else self.logits_from_hidden(hidden)
+        return out if cache is None else (out, new_cache)
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """The LM head alone, so a loss can apply it chunk by chunk over the sequence."""
@@ -294,6 +327,14 @@ def param_logical_axes(cfg: LlamaConfig) -> Params:
     """A PartitionSpec of logical axis names for every parameter (for the partitioner)."""
     abstract = jax.eval_shape(lambda: _init_variables(cfg, jax.random.key(0)))
     return nn.get_partition_spec(abstract)["params"]
+
+
+def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache: k and v of shape [layers, batch, max_len, kv_heads, head_dim], in
+    the compute dtype unless given."""
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def stack_layers(params: Params, num_layers: int) -> Params:

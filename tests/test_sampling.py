@@ -1,0 +1,113 @@
+"""KV-cache generation against teacher-forced forward passes of the same model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xwin_jax import sampling
+from xwin_jax.models import llama
+
+CFG = llama.preset("tiny")
+PARAMS = llama.init_params(CFG, jax.random.key(0))
+PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 90, 91], [1, 7, 8, 9, 10]]
+
+
+def left_padded(prompts):
+    width = max(map(len, prompts))
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for r, p in enumerate(prompts):
+        tokens[r, width - len(p):] = p
+    return tokens, (tokens != 0).astype(np.int32)
+
+
+def teacher_forced_logits(prompt, new_tokens, params=PARAMS, cfg=CFG):
+    row = jnp.asarray([list(prompt) + list(new_tokens)])
+    logits = llama.Llama(cfg).apply({"params": params}, row)[0]
+    return np.asarray(logits[len(prompt) - 1:-1])  # the logits that chose each new token
+
+
+def test_greedy_is_the_argmax_of_the_teacher_forced_pass_at_every_step():
+    tokens, mask = left_padded(PROMPTS)
+    out = sampling.generate(PARAMS, CFG, tokens, mask, jax.random.key(0), max_new_tokens=12,
+                            stop_ids=(2,))
+    for r, prompt in enumerate(PROMPTS):
+        new = out.tokens[r, :out.lengths[r]]
+        logits = teacher_forced_logits(prompt, new)
+        np.testing.assert_array_equal(np.argmax(logits, -1), new)
+        np.testing.assert_allclose(out.logprobs[r, :len(new)],
+                                   jax.nn.log_softmax(logits)[np.arange(len(new)), new],
+                                   atol=1e-5)
+
+
+def test_sampled_logprobs_equal_teacher_forced_logprobs_with_temperature():
+    tokens, mask = left_padded(PROMPTS)
+    out = sampling.generate(PARAMS, CFG, tokens, mask, jax.random.key(3), max_new_tokens=10,
+                            temperature=0.7, stop_ids=(2,))
+    for r, prompt in enumerate(PROMPTS):
+        new = out.tokens[r, :out.lengths[r]]
+        expected = jax.nn.log_softmax(teacher_forced_logits(prompt, new) / 0.7)
+        np.testing.assert_allclose(out.logprobs[r, :len(new)],
+                                   np.asarray(expected)[np.arange(len(new)), new], atol=1e-5)
+
+
+def test_a_left_padded_batch_equals_each_prompt_alone():
+    tokens, mask = left_padded(PROMPTS)
+    batch = sampling.generate(PARAMS, CFG, tokens, mask, jax.random.key(0), max_new_tokens=8)
+    for r, prompt in enumerate(PROMPTS):
+        alone = sampling.generate(PARAMS, CFG, np.asarray([prompt]), np.ones((1, len(prompt))),
+                                  jax.random.key(0), max_new_tokens=8)
+        np.testing.assert_array_equal(batch.tokens[r], alone.tokens[0])
+        np.testing.assert_allclose(batch.logprobs[r], alone.logprobs[0], atol=1e-5)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy_and_keys_reproduce():
+    tokens, mask = left_padded(PROMPTS)
+    run = lambda key, **kw: sampling.generate(PARAMS, CFG, tokens, mask, key,  # noqa: E731
+                                              max_new_tokens=8, **kw)
+    greedy = run(jax.random.key(0)).tokens
+    np.testing.assert_array_equal(run(jax.random.key(5), temperature=1.0, top_k=1).tokens, greedy)
+    np.testing.assert_array_equal(run(jax.random.key(6), temperature=1.0, top_p=1e-6).tokens,
+                                  greedy)
+    first = run(jax.random.key(7), temperature=1.0)
+    np.testing.assert_array_equal(run(jax.random.key(7), temperature=1.0).tokens, first.tokens)
+    assert not np.array_equal(run(jax.random.key(8), temperature=1.0).tokens, first.tokens)
+
+
+def test_generation_stops_at_eos_and_at_stop_ids():
+    tokens, mask = left_padded(PROMPTS)
+    free = sampling.generate(PARAMS, CFG, tokens, mask, jax.random.key(0), max_new_tokens=10)
+    assert not free.finished.any() and (free.lengths == 10).all()
+    stop = int(free.tokens[0, 3])  # make row 0's 4th token a stop token
+    out = sampling.generate(PARAMS, CFG, tokens, mask, jax.random.key(0), max_new_tokens=10,
+                            stop_ids=(2, stop))
+    first_stop = int(np.argmax(free.tokens[0] == stop))
+    assert out.finished[0] and out.lengths[0] == first_stop + 1
+    assert (out.tokens[0, first_stop + 1:] == 0).all() and (out.logprobs[0, first_stop + 1:] == 0).all()
+    np.testing.assert_array_equal(out.tokens[0, :first_stop + 1], free.tokens[0, :first_stop + 1])
+    # With only that token as the stop set, as EOS alone would be.
+    eos = sampling.generate(PARAMS, CFG, tokens[:1], mask[:1], jax.random.key(0),
+                            max_new_tokens=10, stop_ids=(stop,))
+    assert eos.finished[0] and eos.lengths[0] == first_stop + 1
+
+
+def test_scanned_layout_generates_the_same():
+    tokens, mask = left_padded(PROMPTS)
+    scanned_cfg = CFG.replace(scan_layers=True)
+    scanned = llama.stack_layers(PARAMS, CFG.num_layers)
+    a = sampling.generate(PARAMS, CFG, tokens, mask, jax.random.key(0), max_new_tokens=6)
+    b = sampling.generate(scanned, scanned_cfg, tokens, mask, jax.random.key(0), max_new_tokens=6)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_filter_logits_against_numpy():
+    logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05]], np.float32))
+    kept = lambda out: np.isfinite(np.asarray(out))[0].tolist()  # noqa: E731
+    assert kept(sampling.filter_logits(jnp.asarray(logits), top_k=2)) == [1, 1, 0, 0, 0]
+    # nucleus: the smallest set whose mass reaches p (0.5 + 0.2 >= 0.6)
+    assert kept(sampling.filter_logits(jnp.asarray(logits), top_p=0.6)) == [1, 1, 0, 0, 0]
+    assert kept(sampling.filter_logits(jnp.asarray(logits), top_p=0.5)) == [1, 0, 0, 0, 0]
+    assert kept(sampling.filter_logits(jnp.asarray(logits), top_p=0.71)) == [1, 1, 1, 0, 0]
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.generate(PARAMS, CFG, [[1]], [[1]], jax.random.key(0), max_new_tokens=1,
+                          top_p=0.0)

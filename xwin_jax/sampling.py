@@ -82,11 +82,13 @@ def _generate(params, prompt_tokens, prompt_mask, key, *, cfg, max_new_tokens, t
 
     # Prefill: the prompt attends causally to its real tokens.
     attend = filled[:, None, :] & (slots[None, None, :] <= jnp.arange(prompt_len)[None, :, None])
-    logits, cache = model.apply({"params": params}, prompt_tokens,
+    hidden, cache = model.apply({"params": params}, prompt_tokens,
                                 positions=positions_from_mask(prompt_mask),
                                 cache=init_cache(cfg, batch, total), cache_index=0,
-                                attention_mask=attend)
-    first, first_logprob = sample_token(logits[:, -1], jax.random.fold_in(key, 0), temperature,
+                                attention_mask=attend, return_hidden=True)
+    # Only the last prompt position needs logits: [B, 1, V] instead of [B, P, V].
+    logits = model.apply({"params": params}, hidden[:, -1:], method=Llama.logits_from_hidden)
+    first, first_logprob = sample_token(logits[:, 0], jax.random.fold_in(key, 0), temperature,
                                         top_k, top_p)
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(first_logprob)

@@ -111,3 +111,19 @@ def test_filter_logits_against_numpy():
     with pytest.raises(ValueError, match="top_p"):
         sampling.generate(PARAMS, CFG, [[1]], [[1]], jax.random.key(0), max_new_tokens=1,
                           top_p=0.0)
+
+
+def test_sharded_generation_equals_single_device():
+    from xwin_jax.partitioning import Partitioner
+
+    cfg = CFG.replace(scan_layers=True)
+    params = llama.stack_layers(PARAMS, CFG.num_layers)
+    tokens, mask = left_padded(PROMPTS + [[1, 3, 4]])  # 4 rows over data*fsdp = 4
+    single = sampling.generate(params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=6)
+    part = Partitioner({"data": 2, "fsdp": 2, "tensor": 2})
+    shardings = part.shardings_for(llama.param_logical_axes(cfg), llama.param_shapes(cfg))
+    sharded_params = jax.device_put(params, shardings)
+    sharded = sampling.generate(sharded_params, cfg, tokens, mask, jax.random.key(0),
+                                max_new_tokens=6, partitioner=part)
+    np.testing.assert_array_equal(sharded.tokens, single.tokens)
+    np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)

@@ -15,6 +15,7 @@ plain log-softmax.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Sequence
@@ -124,15 +125,28 @@ def _generate(params, prompt_tokens, prompt_mask, key, *, cfg, max_new_tokens, t
 
 def generate(params: Any, cfg: LlamaConfig, prompt_tokens, prompt_mask, key: jax.Array, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: Sequence[int] = (2,), pad_id: int = 0) -> Generation:
-    """Samples up to max_new_tokens for a left-padded batch; see the module docstring."""
+             stop_ids: Sequence[int] = (2,), pad_id: int = 0,
+             partitioner: Any = None) -> Generation:
+    """Samples up to max_new_tokens for a left-padded batch; see the module docstring.
+
+    With a partitioner, the prompts are sharded over (data, fsdp) and the model's logical
+    constraints apply (heads over tensor); params should already carry their shardings."""
     if not stop_ids:
         raise ValueError("stop_ids must name at least the EOS id")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"temperature={temperature}, top_k={top_k}, top_p={top_p}: need "
                          f"temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
-    tokens, logprobs, lengths, finished = _generate(
-        params, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask), key, cfg=cfg,
-        max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-        top_p=float(top_p), stop_ids=tuple(int(i) for i in stop_ids), pad_id=int(pad_id))
+    prompt_tokens = np.asarray(prompt_tokens, np.int32)
+    prompt_mask = np.asarray(prompt_mask, np.int32)
+    context = contextlib.nullcontext()
+    if partitioner is not None:
+        batch = partitioner.shard_batch({"tokens": prompt_tokens, "mask": prompt_mask})
+        prompt_tokens, prompt_mask = batch["tokens"], batch["mask"]
+        context = partitioner.activation_context()
+    with context:
+        tokens, logprobs, lengths, finished = _generate(
+            params, prompt_tokens, prompt_mask, key, cfg=cfg,
+            max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+            top_k=int(top_k), top_p=float(top_p), stop_ids=tuple(int(i) for i in stop_ids),
+            pad_id=int(pad_id))
     return Generation(*(np.asarray(x) for x in (tokens, logprobs, lengths, finished)))

@@ -46,11 +46,11 @@ def main():
 
     suite = synthetic.write_suite(os.path.join(args.workdir, "suite"), seed=0,
                                   num_prompts=args.prompts)
-    name = f"bench{args.prompts}"
-    tfds_builder.prepare_sft(name, {"train": [suite["sft_train"]]},
-                             os.path.join(args.workdir, "tfds"), max_len=args.seq + 1)
-    tasks.register_tfds_sft_task("bench_sft", f"xwin_sft/{name}:1.0.0",
-                                 os.path.join(args.workdir, "tfds"))
+    tfds_name = tfds_builder.prepare_sft_name(f"bench{args.prompts}",
+                                              {"train": [suite["sft_train"]]},
+                                              os.path.join(args.workdir, "tfds"),
+                                              max_len=args.seq + 1)
+    tasks.register_tfds_sft_task("bench_sft", tfds_name, os.path.join(args.workdir, "tfds"))
     seqio_data = tasks.SeqioSftData("bench_sft", seq_len=args.seq, batch_size=args.batch)
     began = time.perf_counter()
     memory_data = SftData([suite["sft_train"]], seq_len=args.seq, batch_size=args.batch)

@@ -47,3 +47,12 @@ def test_prompts_are_left_padded_with_positions_from_the_mask():
                                       np.arange(200 - first))
     assert VOCAB.decode(batch["tokens"][1][batch["tokens"][1] > 2]).endswith(
         "USER: Hi ASSISTANT:")
+
+
+def test_a_pair_that_fits_exactly_after_dropping_the_prompt_is_kept():
+    pair = PreferencePair(PROMPT, "ok", "no")
+    answer = len(" ok") + 1
+    batch = pairs_batch([pair], VOCAB, seq_len=answer + 1)  # BOS + response
+    assert batch["chosen_tokens"][0, 0] == VOCAB.bos_id
+    assert batch["chosen_response_mask"][0].sum() == answer
+    assert batch["chosen_length"][0] == answer + 1

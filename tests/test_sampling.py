@@ -127,3 +127,23 @@ def test_sharded_generation_equals_single_device():
                                 max_new_tokens=6, partitioner=part)
     np.testing.assert_array_equal(sharded.tokens, single.tokens)
     np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
+
+
+def test_filtering_is_by_rank_so_ties_do_not_widen_the_set():
+    uniform = jnp.zeros((1, 8))
+    assert int(jnp.isfinite(sampling.filter_logits(uniform, top_p=0.3)).sum()) == 3
+    assert int(jnp.isfinite(sampling.filter_logits(uniform, top_k=2)).sum()) == 2
+    both = sampling.filter_logits(jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1]])), top_k=3,
+                                  top_p=0.5)  # top-p renormalises within the top 3
+    assert np.isfinite(np.asarray(both))[0].tolist() == [True, True, False, False]
+
+
+def test_a_row_key_makes_a_sample_independent_of_its_batch_mates():
+    tokens, mask = left_padded(PROMPTS)
+    keys = jax.random.split(jax.random.key(11), 3)
+    batch = sampling.generate(PARAMS, CFG, tokens, mask, keys, max_new_tokens=8,
+                              temperature=1.0)
+    alone = sampling.generate(PARAMS, CFG, np.asarray([PROMPTS[1]]),
+                              np.ones((1, len(PROMPTS[1]))), keys[1:2], max_new_tokens=8,
+                              temperature=1.0)
+    np.testing.assert_array_equal(batch.tokens[1], alone.tokens[0])

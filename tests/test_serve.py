@@ -105,3 +105,51 @@ def test_concurrent_requests_are_batched_and_each_correct(server):
         ids = prompt["tokens"][0][prompt["mask"][0] > 0].tolist()
         assert answer == greedy_text(ids, 4).strip()
     assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_seeds_are_per_request_whoever_shares_the_batch(server):
+    client, _ = server
+
+    def ask(question, seed=None):
+        kwargs = {} if seed is None else {"seed": seed}
+        return client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": question}], max_tokens=8,
+            temperature=1.0, **kwargs).choices[0].message.content
+
+    alone = ask("Tell me something.", seed=123)
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda q: ask(*q), [("Tell me something.", 123), ("Other?", 5),
+                                                     ("Third.", 6), ("Fourth!", 7)]))
+    assert together[0] == alone
+    assert ask("Tell me something.") != ask("Tell me something.")  # no seed: fresh randomness
+
+
+def test_an_oversized_request_is_refused_and_does_not_fail_its_batchmates(server):
+    client, _ = server
+
+    def ask(max_tokens):
+        return client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=max_tokens,
+            temperature=0.0)
+
+    with ThreadPoolExecutor(2) as pool:
+        huge, normal = pool.submit(ask, 10**12), pool.submit(ask, 4)
+        with pytest.raises(openai.BadRequestError) as err:
+            huge.result()
+        assert err.value.body["param"] == "max_tokens"
+        assert normal.result().choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+    [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"},
+     {"role": "assistant", "content": "y"}, {"role": "user", "content": "b"}],
+    [{"role": "user", "content": "a"}, {"role": "system", "content": "s"},
+     {"role": "user", "content": "b"}],
+])
+def test_chat_histories_that_do_not_alternate_are_refused(server, messages):
+    client, _ = server
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert err.value.body["param"] == "messages" and "alternate" in err.value.body["message"]

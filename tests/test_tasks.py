@@ -35,11 +35,11 @@ def test_host_shards_are_disjoint_and_complete(suite):
 
 
 def test_packed_batches_resume_at_the_same_step(suite):
-    tasks.register_sft_task("t_sft", {"train": [suite["sft_train"]]})
-    data = tasks.SeqioSftData("t_sft", seq_len=256, batch_size=4, seed=1)
+    tasks.register_sft_task("t_sft256", {"train": [suite["sft_train"]]}, max_len=257)
+    data = tasks.SeqioSftData("t_sft256", seq_len=256, batch_size=4, seed=1)
     stream = data.batches(0)
     expected = [next(stream) for _ in range(6)]
-    resumed = tasks.SeqioSftData("t_sft", seq_len=256, batch_size=4, seed=1).batches(4)
+    resumed = tasks.SeqioSftData("t_sft256", seq_len=256, batch_size=4, seed=1).batches(4)
     for want in expected[4:]:
         got = next(resumed)
         for key in want:
@@ -78,15 +78,18 @@ def test_tfds_prepared_data_matches_the_files(suite, tmp_path):
 
     splits = {"train": [suite["sft_train"]], "validation": [suite["sft_valid"]]}
     builder = tfds_builder.prepare_sft("suite300", splits, str(tmp_path / "tfds"))
-    assert str(builder.info.version) == tfds_builder.VERSION
-    assert (tmp_path / "tfds" / "xwin_sft" / "suite300" / "1.0.0").is_dir()
-    tasks.register_tfds_sft_task("t_tfds", "xwin_sft/suite300:1.0.0", str(tmp_path / "tfds"))
+    config = builder.builder_config.name
+    assert str(builder.info.version) == tfds_builder.VERSION and config.startswith("suite300_")
+    assert (tmp_path / "tfds" / "xwin_sft" / config / "1.0.0").is_dir()
+    tasks.register_tfds_sft_task("t_tfds", f"xwin_sft/{config}:1.0.0", str(tmp_path / "tfds"))
     tasks.register_sft_task("t_files", splits)
     assert sorted(examples("t_tfds")) == sorted(examples("t_files"))
     assert builder.info.splits["train"].num_examples == len(examples("t_files"))
     again = tfds_builder.prepare_sft("suite300", splits, str(tmp_path / "tfds"))  # reused
-    assert again.info.splits["validation"].num_examples == builder.info.splits[
-        "validation"].num_examples
+    assert again.builder_config.name == config
+    # Other settings are other data: a new config, never the stale one.
+    shorter = tfds_builder.prepare_sft("suite300", splits, str(tmp_path / "tfds"), max_len=200)
+    assert shorter.builder_config.name != config
 
 
 def test_pairs_and_prompts_tasks(suite):
@@ -121,4 +124,11 @@ def test_sft_trains_from_a_prepared_tfds_task_through_gin(tmp_path):
         f"TFDS_DIR = '{tmp_path / 'tfds'}'", "TRAIN_STEPS = 4", "BATCH_SIZE = 8",
         "sft.train_sft.eval_data = None"])
     assert summary["steps"] == 4 and summary["tokens_seen"] == 4 * 8 * 256
-    assert (tmp_path / "tfds" / "xwin_sft" / "synthetic_seed0" / "1.0.0").is_dir()
+    prepared = list((tmp_path / "tfds" / "xwin_sft").glob("synthetic_*/1.0.0"))
+    assert len(prepared) == 1
+
+
+def test_seqio_batches_refuse_examples_longer_than_a_row(suite):
+    tasks.register_sft_task("t_long", {"train": [suite["sft_train"]]})  # no max_len
+    with pytest.raises(ValueError, match=r"max_len <= seq_len \+ 1"):
+        next(tasks.SeqioSftData("t_long", seq_len=64, batch_size=2).batches(0))

@@ -93,3 +93,14 @@ def test_sentencepiece_vocabulary_trained_here_round_trips(tmp_path):
     masked = [i for i, m in zip(result.ids, result.loss_mask) if m]
     assert vocab.decode([i for i in masked if i != vocab.eos_id]) == "Hello. I am Xwin-LM."
     assert masked.count(vocab.eos_id) == 2 and result.ids[0] == vocab.bos_id
+
+
+def test_a_conversations_own_system_message_wins_over_a_default():
+    own = Conversation((Message(SYSTEM, "Mine."), Message(USER, "Hi!")))
+    assert render_text(own, system="Default.").startswith("Mine. USER: Hi!")
+    assert render_text(Conversation(own.messages[1:]), system="Default.").startswith(
+        "Default. USER: Hi!")
+    no_system = Conversation((Message(SYSTEM, ""), Message(USER, "Hi!")))
+    assert render_text(no_system) == "USER: Hi!"
+    ids = tokenize_prompt(no_system, BYTES)
+    assert as_text(BYTES, ids) == "USER: Hi! ASSISTANT:"

@@ -83,30 +83,30 @@ def generate_job(prompts_path: str, output_dir: str, model: LlamaConfig, *,
     pending = [i for i in range(len(prompts)) if i not in done]
     cfg, params = load_model(model, ckpt_dir, hf_dir)
     started, new_tokens = time.perf_counter(), 0
-    lengths = {i: len(converters.prompts_batch([prompts[i].conversation], vocab, max_prompt_len,
-                                               system)["mask"][0].nonzero()[0])
-               for i in pending}
-    pending.sort(key=lambda i: (lengths[i], i))
+    ids = {i: converters.prompt_ids(prompts[i].conversation, vocab, max_prompt_len, system)
+           for i in pending}
+    pending.sort(key=lambda i: (len(ids[i]), i))
     bar = tqdm(total=len(prompts), initial=len(done), desc="generate", dynamic_ncols=True)
     with open(outputs_path, "a", encoding="utf-8") as out:
         for start in range(0, len(pending), batch_size):
             chunk = pending[start:start + batch_size]
             rows = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed batch shape
-            width = _padded_width(max(lengths[i] for i in chunk))
-            batch = converters.prompts_batch([prompts[i].conversation for i in rows], vocab,
-                                             width, system)
+            width = _padded_width(max(len(ids[i]) for i in chunk))
+            batch = converters.left_padded_batch([ids[i] for i in rows], width, vocab.pad_id)
+            # A key per prompt: its sample does not depend on batch size, bucketing or resume.
+            keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+                jax.random.key(seed), np.asarray(rows, np.uint32))
             result = sampling.generate(
-                params, cfg, batch["tokens"], batch["mask"],
-                jax.random.fold_in(jax.random.key(seed), chunk[0]),
+                params, cfg, batch["tokens"], batch["mask"], keys,
                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                 top_p=top_p, stop_ids=(vocab.eos_id,), pad_id=vocab.pad_id)
             for r, index in enumerate(chunk):
                 n = int(result.lengths[r])
-                ids = result.tokens[r, :n - 1 if result.finished[r] else n]
+                answer = result.tokens[r, :n - 1 if result.finished[r] else n]
                 new_tokens += n
                 out.write(json.dumps({
                     "index": index, "instruction": prompts[index].text,
-                    "output": vocab.decode(ids).strip(), "generator": generator,
+                    "output": vocab.decode(answer).strip(), "generator": generator,
                     "finished": bool(result.finished[r]), "num_tokens": n,
                     "logprob": float(np.sum(result.logprobs[r, :n]))}, ensure_ascii=False) + "\n")
             out.flush()

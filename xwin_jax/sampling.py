@@ -37,38 +37,47 @@ class Generation:
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """Logits with everything outside the top-k / nucleus (top-p) set to -inf. The most
-    likely token always survives."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    """Logits [B, V] with everything outside the top-k, then the nucleus (the smallest set of
+    most likely tokens whose mass reaches top_p), set to -inf. Filtering is by rank, so ties
+    at the cut-off do not widen the set; the most likely token always survives."""
+    vocab = logits.shape[-1]
+    if not (top_k and top_k < vocab) and top_p >= 1.0:
+        return logits
+    order = jnp.argsort(-logits, axis=-1)  # stable: ties keep vocabulary order
+    ordered = jnp.take_along_axis(logits, order, axis=-1)
+    keep = jnp.ones(ordered.shape, bool)
+    if top_k and top_k < vocab:
+        keep = jnp.arange(vocab) < top_k
+        ordered = jnp.where(keep, ordered, -jnp.inf)
     if top_p < 1.0:
-        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.where(mass_before < top_p, ordered, jnp.inf)
-        threshold = jnp.min(kept, axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
+        keep = keep & (jnp.cumsum(probs, axis=-1) - probs < top_p)
+    ranks = jnp.argsort(order, axis=-1)
+    return jnp.where(jnp.take_along_axis(jnp.broadcast_to(keep, logits.shape), ranks, -1),
+                     logits, -jnp.inf)
 
 
-def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_k: int = 0,
+def sample_token(logits: jax.Array, keys: jax.Array, temperature: float, top_k: int = 0,
                  top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """(token [B], its log-prob [B]) from fp32 logits [B, V]."""
+    """(token [B], its log-prob [B]) from fp32 logits [B, V], one PRNG key per row."""
     logits = logits.astype(jnp.float32)
     if temperature == 0.0:
         token = jnp.argmax(logits, axis=-1)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
     else:
         filtered = filter_logits(logits / temperature, top_k, top_p)
-        token = jax.random.categorical(key, filtered, axis=-1)
+        token = jax.vmap(jax.random.categorical)(keys, filtered)
         logprobs = jax.nn.log_softmax(filtered, axis=-1)
     return token.astype(jnp.int32), jnp.take_along_axis(logprobs, token[:, None], -1)[:, 0]
 
 
+def _step_keys(row_keys: jax.Array, step) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "stop_ids", "pad_id"))
-def _generate(params, prompt_tokens, prompt_mask, key, *, cfg, max_new_tokens, temperature,
+def _generate(params, prompt_tokens, prompt_mask, row_keys, *, cfg, max_new_tokens, temperature,
               top_k, top_p, stop_ids, pad_id):
     model = Llama(cfg)
     batch, prompt_len = prompt_tokens.shape
@@ -89,7 +98,7 @@ def _generate(params, prompt_tokens, prompt_mask, key, *, cfg, max_new_tokens, t
                                 attention_mask=attend, return_hidden=True)
     # Only the last prompt position needs logits: [B, 1, V] instead of [B, P, V].
     logits = model.apply({"params": params}, hidden[:, -1:], method=Llama.logits_from_hidden)
-    first, first_logprob = sample_token(logits[:, 0], jax.random.fold_in(key, 0), temperature,
+    first, first_logprob = sample_token(logits[:, 0], _step_keys(row_keys, 0), temperature,
                                         top_k, top_p)
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(first_logprob)
@@ -110,7 +119,7 @@ def _generate(params, prompt_tokens, prompt_mask, key, *, cfg, max_new_tokens, t
         logits, cache = model.apply({"params": params}, previous,
                                     positions=(prompt_lengths + step - 1)[:, None],
                                     cache=cache, cache_index=slot, attention_mask=attend)
-        token, logprob = sample_token(logits[:, 0], jax.random.fold_in(key, step), temperature,
+        token, logprob = sample_token(logits[:, 0], _step_keys(row_keys, step), temperature,
                                       top_k, top_p)
         token = jnp.where(finished, pad_id, token)
         logprob = jnp.where(finished, 0.0, logprob)
@@ -129,6 +138,8 @@ def generate(params: Any, cfg: LlamaConfig, prompt_tokens, prompt_mask, key: jax
              partitioner: Any = None) -> Generation:
     """Samples up to max_new_tokens for a left-padded batch; see the module docstring.
 
+    `key` is one PRNG key (row r samples with split(key, B)[r]) or a [B] array of keys, one
+    per row, so a prompt's sample need not depend on its batch-mates (generate job, server).
     With a partitioner, the prompts are sharded over (data, fsdp) and the model's logical
     constraints apply (heads over tensor); params should already carry their shardings."""
     if not stop_ids:
@@ -138,6 +149,9 @@ def generate(params: Any, cfg: LlamaConfig, prompt_tokens, prompt_mask, key: jax
                          f"temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_mask = np.asarray(prompt_mask, np.int32)
+    row_keys = key if key.ndim == 1 else jax.random.split(key, prompt_tokens.shape[0])
+    if row_keys.shape != (prompt_tokens.shape[0],):
+        raise ValueError(f"{row_keys.shape[0]} row keys for {prompt_tokens.shape[0]} prompts")
     context = contextlib.nullcontext()
     if partitioner is not None:
         batch = partitioner.shard_batch({"tokens": prompt_tokens, "mask": prompt_mask})
@@ -145,7 +159,7 @@ def generate(params: Any, cfg: LlamaConfig, prompt_tokens, prompt_mask, key: jax
         context = partitioner.activation_context()
     with context:
         tokens, logprobs, lengths, finished = _generate(
-            params, prompt_tokens, prompt_mask, key, cfg=cfg,
+            params, prompt_tokens, prompt_mask, row_keys, cfg=cfg,
             max_new_tokens=int(max_new_tokens), temperature=float(temperature),
             top_k=int(top_k), top_p=float(top_p), stop_ids=tuple(int(i) for i in stop_ids),
             pad_id=int(pad_id))

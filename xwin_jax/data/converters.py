@@ -31,7 +31,7 @@ def _response_tokens(prompt: Conversation, response: str, vocab, seq_len: int,
     ids = tokenized.ids
     if len(ids) > seq_len:
         overflow = len(ids) - seq_len
-        if overflow >= prompt_len - 1:
+        if overflow > prompt_len - 1:  # BOS + the whole response must still fit
             raise ValueError(f"{prompt.source or 'pair'}: the response alone ({answer_len} "
                              f"tokens) does not fit seq_len={seq_len}")
         ids = ids[:1] + ids[1 + overflow:]
@@ -55,7 +55,7 @@ def _right_pad(rows: Sequence[Sequence[int]], length: int, pad: int, dtype) -> n
 
 def pairs_batch(pairs: Sequence[PreferencePair], vocab, seq_len: int,
                 system: str | None = None) -> dict[str, np.ndarray]:
-    """chosen_tokens/rejected_tokens [B, seq_len] (right-padded with pad_id),
+    """chosen_tokens/rejected_tokens [B, seq_len] (right-padded with pad_id), their lengths,
     chosen_response_mask/rejected_response_mask (1 on response tokens and </s>), and the
     judge's ratings (NaN where absent) for margins or filtering."""
     out: dict[str, np.ndarray] = {}
@@ -63,6 +63,7 @@ def pairs_batch(pairs: Sequence[PreferencePair], vocab, seq_len: int,
         rows = [_response_tokens(p.prompt, getattr(p, side), vocab, seq_len, system)
                 for p in pairs]
         out[f"{side}_tokens"] = _right_pad([r[0] for r in rows], seq_len, vocab.pad_id, np.int32)
+        out[f"{side}_length"] = np.array([len(r[0]) for r in rows], np.int32)
         out[f"{side}_response_mask"] = _right_pad([r[1] for r in rows], seq_len, 0, np.float32)
         out[f"{side}_rating"] = np.array([np.nan if getattr(p, f"{side}_rating") is None
                                           else getattr(p, f"{side}_rating") for p in pairs],
@@ -70,20 +71,33 @@ def pairs_batch(pairs: Sequence[PreferencePair], vocab, seq_len: int,
     return out
 
 
-def prompts_batch(prompts: Sequence[Conversation], vocab, max_len: int,
-                  system: str | None = None) -> dict[str, np.ndarray]:
-    """tokens [B, max_len] left-padded, mask (1 on real tokens), positions (0.. from the
-    first real token). Prompts longer than max_len keep BOS and their last max_len - 1 tokens."""
-    rows = []
-    for prompt in prompts:
-        ids = template.tokenize_prompt(prompt, vocab, system)
-        if len(ids) > max_len:
-            ids = ids[:1] + ids[len(ids) - max_len + 1:]
-        rows.append(ids)
-    tokens = np.full((len(rows), max_len), vocab.pad_id, np.int32)
-    mask = np.zeros((len(rows), max_len), np.int32)
+def prompt_ids(prompt: Conversation, vocab, max_len: int, system: str | None = None
+               ) -> list[int]:
+    """A generation prompt's ids; longer than max_len, it keeps BOS and its last max_len - 1
+    tokens (the end, with "ASSISTANT:", matters most)."""
+    ids = template.tokenize_prompt(prompt, vocab, system)
+    if len(ids) > max_len:
+        ids = ids[:1] + ids[len(ids) - max_len + 1:]
+    return ids
+
+
+def left_padded_batch(rows: Sequence[Sequence[int]], width: int, pad_id: int
+                      ) -> dict[str, np.ndarray]:
+    """tokens [B, width] left-padded, mask (1 on real tokens), positions (0.. from the first
+    real token)."""
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
     for r, ids in enumerate(rows):
-        tokens[r, max_len - len(ids):] = ids
-        mask[r, max_len - len(ids):] = 1
+        if len(ids) > width:
+            raise ValueError(f"row {r} has {len(ids)} tokens, more than width {width}")
+        tokens[r, width - len(ids):] = ids
+        mask[r, width - len(ids):] = 1
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     return {"tokens": tokens, "mask": mask, "positions": positions}
+
+
+def prompts_batch(prompts: Sequence[Conversation], vocab, max_len: int,
+                  system: str | None = None) -> dict[str, np.ndarray]:
+    """Left-padded generation prompts [B, max_len] (see prompt_ids and left_padded_batch)."""
+    return left_padded_batch([prompt_ids(p, vocab, max_len, system) for p in prompts], max_len,
+                             vocab.pad_id)

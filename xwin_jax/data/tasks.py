@@ -69,7 +69,7 @@ def pair_examples(paths: Sequence[str], vocabulary: str, seq_len: int, system: s
             row = converters.pairs_batch([pair], vocab, seq_len, system)
             out = {}
             for side in ("chosen", "rejected"):
-                length = int((row[f"{side}_tokens"][0] != vocab.pad_id).sum())
+                length = int(row[f"{side}_length"][0])
                 out[f"{side}_tokens"] = row[f"{side}_tokens"][0, :length]
                 out[f"{side}_response_mask"] = row[f"{side}_response_mask"][0, :length].astype(
                     np.int32)
@@ -207,9 +207,16 @@ class SeqioSftData(GlobalBatches):
         task = seqio.get_mixture_or_task(self.task)
         shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
         length = {name: self.seq_len + 1 for name in FEATURES}
+        # No silent trimming: a cut conversation would lose its </s> and skip the template's
+        # truncation policy, which the task applies when registered with max_len.
         dataset = task.get_dataset(length, split=self.split, shuffle=True, seed=self.seed,
-                                   shard_info=shard, num_epochs=None)
+                                   shard_info=shard, num_epochs=None,
+                                   trim_output_features=False)
         for example in dataset.as_numpy_iterator():
+            if len(example["ids"]) > self.seq_len + 1:
+                raise ValueError(
+                    f"seqio task {self.task!r} has an example of {len(example['ids'])} tokens; "
+                    f"register or prepare it with max_len <= seq_len + 1 = {self.seq_len + 1}")
             yield example["ids"], example["loss_mask"]
 
     def _rows(self):

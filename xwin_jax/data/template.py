@@ -3,7 +3,8 @@
     A chat between ... questions. USER: Hi! ASSISTANT: Hello.</s>USER: Who are you? ASSISTANT: I am Xwin-LM.</s>
 
 The loss mask covers each assistant answer and its </s> and nothing else. A generation prompt
-ends with "ASSISTANT:" (no trailing space); the model's answer starts with a space.
+ends with "ASSISTANT:" (no trailing space); the model's answer starts with a space. The system
+line is the conversation's own system message, else the caller's default, else Xwin's.
 
 Token ids are built segment by segment (system + user text, answer, </s>, ...) so the mask is
 exact; with SentencePiece the dummy prefix stands for the space before each answer. Training
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from xwin_jax.data.formats import ASSISTANT, Conversation
+from xwin_jax.data.formats import ASSISTANT, USER, Conversation
 
 XWIN_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                "The assistant gives helpful, detailed, and polite answers to the user's "
@@ -23,16 +24,28 @@ EOS_TEXT = "</s>"
 TRUNCATION_POLICIES = ("drop_turns", "truncate")
 
 
+def system_text(conversation: Conversation, system: str | None) -> str:
+    """The conversation's own system message if it has one, else `system` (a caller's
+    default), else the Xwin system line. An empty string means no system line."""
+    if conversation.system is not None:
+        return conversation.system
+    return XWIN_SYSTEM if system is None else system
+
+
+def _head(conversation: Conversation, system: str | None) -> str:
+    text = system_text(conversation, system)
+    return text + " " if text else ""
+
+
 def render_text(conversation: Conversation, system: str | None = None,
                 add_generation_prompt: bool = False) -> str:
-    """The template as text (EOS written as </s>); system: override, else the conversation's
-    own system message, else the Xwin default."""
-    out = [system or conversation.system or XWIN_SYSTEM]
+    """The template as text (EOS written as </s>); see system_text for the system line."""
+    out = [system_text(conversation, system)]
     for message in conversation.turns:
         if message.role == ASSISTANT:
             out.append(f" ASSISTANT: {message.content}{EOS_TEXT}")
         else:
-            out.append(f"{' ' if len(out) == 1 else ''}USER: {message.content}")
+            out.append(f"{' ' if len(out) == 1 and out[0] else ''}USER: {message.content}")
     if add_generation_prompt:
         out.append(" ASSISTANT:")
     return "".join(out)
@@ -73,7 +86,7 @@ def _answer_ids(vocab, text: str) -> list[int]:
 def _segments(conversation: Conversation, vocab, system: str | None):
     """[(prompt ids, answer ids + EOS)] per user/assistant exchange."""
     turns = conversation.turns
-    head = (system or conversation.system or XWIN_SYSTEM) + " "
+    head = _head(conversation, system)
     exchanges = []
     for i in range(0, len(turns) - 1, 2):
         user, answer = turns[i], turns[i + 1]
@@ -113,10 +126,16 @@ def tokenize_prompt(conversation: Conversation, vocab, system: str | None = None
     """Ids of a generation prompt: earlier exchanges, then the last user turn and
     "ASSISTANT:". The conversation ends with a user message."""
     turns = conversation.turns
+    where = conversation.source or "prompt"
+    for i, message in enumerate(turns):
+        expected = USER if i % 2 == 0 else ASSISTANT
+        if message.role != expected:
+            raise ValueError(f"{where}: turn {i} is a {message.role} message where a {expected} "
+                             f"message belongs (turns alternate, user first; a system message "
+                             f"only first)")
     if not turns or turns[-1].role == ASSISTANT:
-        raise ValueError(f"{conversation.source or 'prompt'}: a generation prompt must end "
-                         f"with a user message")
-    head = (system or conversation.system or XWIN_SYSTEM) + " "
+        raise ValueError(f"{where}: a generation prompt must end with a user message")
+    head = _head(conversation, system)
     ids = []
     for i in range(0, len(turns), 2):
         prompt = vocab.encode(f"{head if i == 0 else ''}USER: {turns[i].content} ASSISTANT:")

@@ -4,7 +4,7 @@ on every host.
 
     builder = prepare_sft("my_data", {"train": ["a.jsonl"], "validation": ["v.jsonl"]},
                           data_dir="/data/tfds", vocabulary="/models/tokenizer.model")
-    tasks.register_tfds_sft_task("my_sft", "xwin_sft/my_data:1.0.0", "/data/tfds")
+    tasks.register_tfds_sft_task("my_sft", prepare_sft_name(...), "/data/tfds")
 
 Each example holds `ids` and `loss_mask` from the Xwin template (template.py). The config name
 identifies what was prepared; preparing the same name again reuses the files.
@@ -13,6 +13,8 @@ identifies what was prepared; preparing the same name again reuses the files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Mapping, Sequence
 
 import tensorflow_datasets as tfds
@@ -61,7 +63,12 @@ class XwinSft(tfds.core.GeneratorBasedBuilder):
 def prepare_sft(name: str, split_to_paths: Mapping[str, Sequence[str]], data_dir: str, *,
                 vocabulary: str = "bytes", max_len: int | None = None,
                 system: str | None = None, truncation: str = "drop_turns") -> XwinSft:
-    """Builds (or reuses) tfds `xwin_sft/<name>:1.0.0` under data_dir."""
+    """Builds (or reuses) tfds `xwin_sft/<name>_<hash>:1.0.0` under data_dir; the hash covers
+    the files and every tokenization setting, so changing any of them prepares anew instead
+    of reading stale data. `builder.builder_config.name` is the full config name."""
+    identity = json.dumps([{k: list(v) for k, v in sorted(split_to_paths.items())}, vocabulary,
+                           max_len, system, truncation], sort_keys=True)
+    name = f"{name}_{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
     config = XwinSftConfig(name=name, version=VERSION,
                            split_to_paths={k: list(v) for k, v in split_to_paths.items()},
                            vocabulary=vocabulary, max_len=max_len, system=system,
@@ -75,5 +82,5 @@ def prepare_sft(name: str, split_to_paths: Mapping[str, Sequence[str]], data_dir
 def prepare_sft_name(name: str, split_to_paths: Mapping[str, Sequence[str]], data_dir: str,
                      **kwargs) -> str:
     """prepare_sft, returning the TFDS name to read it by (what gin binds a task to)."""
-    prepare_sft(name, split_to_paths, data_dir, **kwargs)
-    return f"xwin_sft/{name}:{VERSION}"
+    builder = prepare_sft(name, split_to_paths, data_dir, **kwargs)
+    return f"xwin_sft/{builder.builder_config.name}:{VERSION}"

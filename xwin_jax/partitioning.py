@@ -48,6 +48,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("act_head_dim", None),
     ("act_embed", None),
     ("norm", None),
+    ("score", None),
 )
 
 

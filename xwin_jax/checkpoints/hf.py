@@ -103,10 +103,22 @@ TENSOR_MAP: tuple[TensorMapping, ...] = (
 )
 
 
-def expected_tensors(cfg: LlamaConfig) -> Iterator[tuple[str, TensorMapping, int | None]]:
-    """(HF name, mapping, layer index or None) for every tensor a checkpoint of cfg holds."""
+# A reward or value model: the trunk and a scalar head, as LlamaForSequenceClassification.
+SCORE_MAPPING = TensorMapping("score.weight", ("score", "kernel"),
+                              lambda c: (1, c.hidden_size), _transpose, _transpose)
+HEADS = {"lm": "LlamaForCausalLM", "score": "LlamaForSequenceClassification"}
+
+
+def expected_tensors(cfg: LlamaConfig, head: str = "lm"
+                     ) -> Iterator[tuple[str, TensorMapping, int | None]]:
+    """(HF name, mapping, layer index or None) for every tensor a checkpoint of cfg holds;
+    head 'lm' (LlamaForCausalLM) or 'score' (LlamaForSequenceClassification, num_labels 1)."""
+    if head not in HEADS:
+        raise ValueError(f"head={head!r}: choose one of {sorted(HEADS)}")
+    if head == "score":
+        yield SCORE_MAPPING.hf_name, SCORE_MAPPING, None
     for mapping in TENSOR_MAP:
-        if mapping.hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+        if mapping.hf_name == "lm_head.weight" and (cfg.tie_word_embeddings or head == "score"):
             continue
         if mapping.per_layer:
             for i in range(cfg.num_layers):
@@ -240,19 +252,21 @@ def read_hf_config(hf_dir: str, **overrides) -> LlamaConfig:
         raise CheckpointError(f"{path}: {err}") from err
 
 
-def load_hf(hf_dir: str, **config_overrides) -> tuple[LlamaConfig, dict]:
+def load_hf(hf_dir: str, head: str = "lm", **config_overrides) -> tuple[LlamaConfig, dict]:
     """Reads an HF Llama directory into (config, host NumPy params) in our layout.
 
     `config_overrides` set fields HF configs do not carry (dtype, param_dtype, scan_layers,
     remat_policy, ...). Tensors are read one at a time from memory maps and written into
     preallocated arrays, so peak host memory is one copy of the model plus one tensor.
+    head='score' reads a LlamaForSequenceClassification into the reward-model layout
+    {"model": trunk, "score": {"kernel"}}.
     """
-    cfg = read_hf_config(hf_dir, **config_overrides)
+    cfg = read_hf_config(hf_dir, architectures=(HEADS[head],), **config_overrides)
     files = _WeightFiles(hf_dir)
     param_dtype = np.dtype(cfg.param_dtype)
     params: dict = {}
     expected = set()
-    for name, mapping, layer in expected_tensors(cfg):
+    for name, mapping, layer in expected_tensors(cfg, head):
         expected.add(name)
         value = mapping.to_ours(files.get(name, mapping.hf_shape(cfg)), cfg).astype(param_dtype)
         if layer is None:
@@ -270,8 +284,11 @@ def load_hf(hf_dir: str, **config_overrides) -> tuple[LlamaConfig, dict]:
         and not (name == "lm_head.weight" and cfg.tie_word_embeddings))
     if unexpected:
         raise CheckpointError(f"{hf_dir}: unexpected tensors for {cfg.num_layers}-layer "
-                              f"LlamaForCausalLM: {unexpected[:5]} "
+                              f"{HEADS[head]}: {unexpected[:5]} "
                               f"({len(unexpected)} in all; first in {files.location[unexpected[0]]})")
+    if head == "score":
+        params = {"model": {k: v for k, v in params.items() if k != "score"},
+                  "score": params["score"]}
     return cfg, params
 
 
@@ -313,19 +330,25 @@ def _plan_shards(entries, max_bytes):
 
 def save_hf(cfg: LlamaConfig, params: dict, hf_dir: str, *, dtype: str = "bfloat16",
             max_shard_size: int | str = "5GB", bos_token_id: int = 1, eos_token_id: int = 2,
-            pad_token_id: int | None = None) -> list[str]:
+            pad_token_id: int | None = None, head: str = "lm") -> list[str]:
     """Writes `config.json` and safetensors (one file, or shards plus an index) that
     `transformers.LlamaForCausalLM.from_pretrained(hf_dir)` loads with no missing or
     unexpected keys. Params may be in either layer layout, NumPy or jax arrays; each tensor is
-    converted just before it is written. Returns the weight files written."""
+    converted just before it is written. head='score' writes a reward model (params
+    {"model", "score"}) as LlamaForSequenceClassification with num_labels 1; it needs a
+    pad_token_id (default 0), which HF uses to find each row's last real token. Returns the
+    weight files written."""
     out_dtype = np.dtype(dtype)
     if out_dtype.name not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"save_hf dtype={dtype!r}: choose float32, float16 or bfloat16")
     if jax.process_index() != 0:  # one writer; params must be addressable on host 0
         return []
+    if head == "score":
+        params = {**params["model"], "score": params["score"]}
+        pad_token_id = 0 if pad_token_id is None else pad_token_id
     producers: dict[str, Callable[[], np.ndarray]] = {}
     entries = []
-    for name, mapping, layer in expected_tensors(cfg):
+    for name, mapping, layer in expected_tensors(cfg, head):
         if layer is None:
             producers[name] = (lambda m=mapping: m.to_hf(np.asarray(_get_path(params, m.path)),
                                                           cfg))
@@ -352,8 +375,12 @@ def save_hf(cfg: LlamaConfig, params: dict, hf_dir: str, *, dtype: str = "bfloat
         with open(os.path.join(staging, SAFETENSORS_INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(staging, CONFIG_FILE), "w") as f:
-        json.dump(cfg.to_hf(torch_dtype=out_dtype.name, bos_token_id=bos_token_id,
-                            eos_token_id=eos_token_id, pad_token_id=pad_token_id), f, indent=2)
+        hf_config = cfg.to_hf(torch_dtype=out_dtype.name, bos_token_id=bos_token_id,
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        hf_config["architectures"] = [HEADS[head]]
+        if head == "score":
+            hf_config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        json.dump(hf_config, f, indent=2)
     with open(os.path.join(staging, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
                    "pad_token_id": pad_token_id}, f, indent=2)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "reference")
-SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM",)  # heads.py adds the sequence classifier
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
 
 

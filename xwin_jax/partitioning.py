@@ -144,6 +144,11 @@ class Partitioner:
             tuple(a for a in BATCH_AXES if self.sizes[a] > 1) or None, *([None] * (ndim - 1))))
 
     @property
+    def batch_sharding(self) -> NamedSharding:
+        """Leading axis over (data, fsdp), whatever the rank: for whole batch dicts."""
+        return self.data_sharding(1)
+
+    @property
     def batch_divisor(self) -> int:
         """The global batch must be a multiple of this."""
         return self.sizes["data"] * self.sizes["fsdp"]

@@ -19,11 +19,13 @@ from xwin_jax.models import llama
 from xwin_jax.models.config import LlamaConfig
 
 MODEL_CONFIG_FILE = "model_config.json"
+HEAD_FILE = "head.json"
 PARAMS_DIR = "params"
 
 
-def save_params(directory: str, cfg: LlamaConfig, params: Any) -> None:
-    """Writes the config and params; the params directory is replaced if it exists."""
+def save_params(directory: str, cfg: LlamaConfig, params: Any, head: str = "lm") -> None:
+    """Writes the config and params (head 'lm': a Llama; 'score': a reward/value model
+    {"model", "score"}); the params directory is replaced if it exists."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
@@ -31,6 +33,8 @@ def save_params(directory: str, cfg: LlamaConfig, params: Any) -> None:
     checkpointer.wait_until_finished()
     # The config goes last (one writer): its presence marks a complete checkpoint.
     if jax.process_index() == 0:
+        with open(os.path.join(directory, HEAD_FILE), "w") as f:
+            json.dump({"head": head}, f)
         with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
 
@@ -47,6 +51,22 @@ def load_config(directory: str) -> LlamaConfig:
             raise CheckpointError(f"{path}: {err}") from err
 
 
+def load_head(directory: str) -> str:
+    """'lm' or 'score' (checkpoints written before heads existed are LMs)."""
+    path = os.path.join(directory, HEAD_FILE)
+    if not os.path.exists(path):
+        return "lm"
+    with open(path) as f:
+        return json.load(f)["head"]
+
+
+def param_shapes(cfg: LlamaConfig, head: str) -> Any:
+    if head == "score":
+        from xwin_jax.models import heads
+        return heads.reward_param_shapes(cfg)
+    return llama.param_shapes(cfg)
+
+
 def load_params(directory: str, *, scan_layers: bool | None = None, shardings: Any = None,
                 to_host: bool = False) -> tuple[LlamaConfig, Any]:
     """Restores (config, params): onto `shardings` (a tree in the saved layer layout), or as
@@ -54,7 +74,7 @@ def load_params(directory: str, *, scan_layers: bool | None = None, shardings: A
     topology wrote the checkpoint. `scan_layers` converts to the other layer layout."""
     directory = os.path.abspath(directory)
     cfg = load_config(directory)
-    shapes = llama.param_shapes(cfg)
+    shapes = param_shapes(cfg, load_head(directory))
     path = os.path.join(directory, PARAMS_DIR)
     if to_host:
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
@@ -68,7 +88,9 @@ def load_params(directory: str, *, scan_layers: bool | None = None, shardings: A
                               shapes, shardings)
         params = ocp.StandardCheckpointer().restore(path, target)
     if scan_layers is not None and scan_layers != cfg.scan_layers:
-        params = (llama.stack_layers(params, cfg.num_layers) if scan_layers
-                  else llama.unstack_layers(params))
+        convert = ((lambda p: llama.stack_layers(p, cfg.num_layers)) if scan_layers
+                   else llama.unstack_layers)
+        params = (dict(params, model=convert(params["model"])) if "score" in params
+                  else convert(params))
         cfg = cfg.replace(scan_layers=scan_layers)
     return cfg, params

@@ -1,8 +1,8 @@
 """The offline default data: instructions with verifiable answers, imperfect SFT responses,
 and a rule judge — written in the file formats users bring, so the real code paths run.
 
-    write_suite("workdir/data", seed=0)   # sft_train.jsonl (ShareGPT), pairs_train.jsonl,
-                                          # prompts_{train,valid,test}.jsonl
+    write_suite("workdir/data", seed=0)   # sft_{train,valid}.jsonl (ShareGPT),
+                                          # pairs_{train,valid}.jsonl, prompts_{train,valid,test}.jsonl
     judge = RuleJudge(); judge.rate(prompt, response)  # → Rating(score 1..10, correct, reason)
 
 Every answer is stated as "The answer is X." Families: arithmetic, reversing, sorting,
@@ -204,6 +204,15 @@ def write_suite(out_dir: str, seed: int = 0, num_prompts: int = 3000,
     by_split = {s: [] for s in SPLITS}
     for prompt in make_prompts(seed, num_prompts):
         by_split[split_of(prompt, valid_fraction, test_fraction)].append(prompt)
+    def pair(prompt, first, second):
+        verdict = judge.compare(prompt, first, second)
+        if verdict["better"] == "tie":
+            return None
+        chosen, rejected = (first, second) if verdict["better"] == "A" else (second, first)
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                "chosen_rating": max(verdict["rating_a"], verdict["rating_b"]),
+                "rejected_rating": min(verdict["rating_a"], verdict["rating_b"])}
+
     sft, pairs = [], []
     for prompt in by_split["train"]:
         answer = solve(prompt)[1]
@@ -211,13 +220,13 @@ def write_suite(out_dir: str, seed: int = 0, num_prompts: int = 3000,
         conversation = formats.Conversation((formats.Message(formats.USER, prompt),
                                              formats.Message(formats.ASSISTANT, response)))
         sft.append(formats.conversation_to_sharegpt(conversation))
-        other = imperfect_response(answer, rng, wrong_rate, verbose_rate)
-        verdict = judge.compare(prompt, response, other)
-        if verdict["better"] != "tie":
-            chosen, rejected = (response, other) if verdict["better"] == "A" else (other, response)
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                          "chosen_rating": max(verdict["rating_a"], verdict["rating_b"]),
-                          "rejected_rating": min(verdict["rating_a"], verdict["rating_b"])})
+        made = pair(prompt, response, imperfect_response(answer, rng, wrong_rate, verbose_rate))
+        if made:
+            pairs.append(made)
+    valid_rng = np.random.default_rng([seed, 2])  # held-out pairs for reward-model evaluation
+    valid_pairs = [made for prompt in by_split["valid"] for made in [pair(
+        prompt, *(imperfect_response(solve(prompt)[1], valid_rng, wrong_rate, verbose_rate)
+                  for _ in range(2)))] if made]
     paths = {"sft_train": os.path.join(out_dir, "sft_train.jsonl"),
              "sft_valid": os.path.join(out_dir, "sft_valid.jsonl"),
              "pairs_train": os.path.join(out_dir, "pairs_train.jsonl")}
@@ -226,6 +235,8 @@ def write_suite(out_dir: str, seed: int = 0, num_prompts: int = 3000,
         formats.Conversation((formats.Message(formats.USER, p), formats.Message(
             formats.ASSISTANT, ideal_response(solve(p)[1]))))) for p in by_split["valid"]])
     formats.write_jsonl(paths["pairs_train"], pairs)
+    paths["pairs_valid"] = os.path.join(out_dir, "pairs_valid.jsonl")
+    formats.write_jsonl(paths["pairs_valid"], valid_pairs)
     for split in SPLITS:
         paths[f"prompts_{split}"] = os.path.join(out_dir, f"prompts_{split}.jsonl")
         formats.write_jsonl(paths[f"prompts_{split}"], [
@@ -237,7 +248,7 @@ def suite_file(name: str, out_dir: str, seed: int = 0, num_prompts: int = 3000,
                wrong_rate: float = 0.3, verbose_rate: float = 0.3) -> str:
     """The path of one suite file (e.g. 'sft_train'), writing the suite first if it is not
     there yet: what gin files bind data paths to for the offline default."""
-    marker = os.path.join(out_dir, f"suite-{seed}-{num_prompts}-{wrong_rate}-{verbose_rate}.done")
+    marker = os.path.join(out_dir, f"suite-v2-{seed}-{num_prompts}-{wrong_rate}-{verbose_rate}.done")
     if not os.path.exists(marker):
         write_suite(out_dir, seed, num_prompts, wrong_rate=wrong_rate, verbose_rate=verbose_rate)
         open(marker, "w").close()

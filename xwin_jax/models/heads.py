@@ -71,6 +71,11 @@ def init_reward_params(cfg: LlamaConfig, key: jax.Array) -> Any:
     return nn.meta.unbox(_init_variables(cfg, key)["params"])
 
 
+def reward_param_shapes(cfg: LlamaConfig) -> Any:
+    return nn.meta.unbox(jax.eval_shape(lambda: _init_variables(cfg, jax.random.key(0)))[
+        "params"])
+
+
 def reward_param_logical_axes(cfg: LlamaConfig) -> Any:
     abstract = jax.eval_shape(lambda: _init_variables(cfg, jax.random.key(0)))
     return nn.get_partition_spec(abstract)["params"]

@@ -22,6 +22,7 @@ from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.llama import Llama
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train import state as train_state
+from xwin_jax.train.state import make_train_step  # noqa: F401  (SFT's step is the generic one)
 from xwin_jax.train.loop import train_loop
 from xwin_jax.train.sharded import ShardedTraining
 
@@ -86,27 +87,6 @@ def sft_loss_fn(model_cfg: LlamaConfig, *, z_loss: float = 0.0,
         return sums["loss_sum"] + sums["z_loss_sum"], sums
 
     return loss_fn
-
-
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, num_micro_batches: int = 1) -> Callable:
-    """(state, batch) → (state, metrics); gradients normalised by the global target count."""
-    def step(state, batch):
-        _, sums, grads = train_state.accumulate_gradients(loss_fn, state.params, batch,
-                                                          num_micro_batches)
-        num_tokens = jnp.maximum(sums["num_tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / num_tokens, grads)
-        metrics = {
-            "loss": sums["loss_sum"] / num_tokens,
-            "z_loss": sums["z_loss_sum"] / num_tokens,
-            "accuracy": sums["correct"] / num_tokens,
-            "num_target_tokens": sums["num_tokens"],
-            "num_input_tokens": jnp.asarray(batch["input_tokens"].size, jnp.float32),
-            "grad_norm": optax.global_norm(grads),
-            "learning_rate": schedule(state.step),
-        }
-        return train_state.apply_gradients(state, grads, optimizer), metrics
-    return step
 
 
 def make_eval_step(loss_fn: Callable) -> Callable:

@@ -49,22 +49,30 @@ class ShardedTraining:
     abstract_state: train_state.TrainState  # ShapeDtypeStructs carrying the shardings
     shardings: train_state.TrainState
 
+    init_fn: Callable[[LlamaConfig, jax.Array], Any] = init_params
+
     @classmethod
     def create(cls, model: LlamaConfig, partitioner: Partitioner,
-               optimizer: optax.GradientTransformation, seed: int = 0) -> "ShardedTraining":
-        shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(seed)))
-        param_shardings = partitioner.shardings_for(param_logical_axes(model), shapes)
+               optimizer: optax.GradientTransformation, seed: int = 0,
+               init_fn: Callable[[LlamaConfig, jax.Array], Any] = init_params,
+               logical_axes_fn: Callable[[LlamaConfig], Any] = param_logical_axes
+               ) -> "ShardedTraining":
+        """init_fn / logical_axes_fn: the model's parameters (default: a Llama LM; a reward
+        model passes heads.init_reward_params and heads.reward_param_logical_axes)."""
+        shapes = jax.eval_shape(lambda: init_fn(model, jax.random.key(seed)))
+        param_shardings = partitioner.shardings_for(logical_axes_fn(model), shapes)
         abstract = jax.eval_shape(lambda p: train_state.init_state(p, optimizer), shapes)
         shardings = state_shardings(partitioner, optimizer, abstract, param_shardings)
         return cls(model, partitioner, optimizer, seed, param_shardings,
-                   abstract_like(abstract, shardings), shardings)
+                   abstract_like(abstract, shardings), shardings, init_fn)
 
     def init_state(self, params: Any | None = None) -> train_state.TrainState:
         """From params — host arrays (e.g. an HF import) or global arrays already sharded —
         or, with None, a random init computed already sharded."""
         if params is None:
             params = self.partitioner.init(
-                lambda: init_params(self.model, jax.random.key(self.seed)), self.param_shardings)
+                lambda: self.init_fn(self.model, jax.random.key(self.seed)),
+                self.param_shardings)
         else:
             params = jax.tree.map(
                 lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s
@@ -76,11 +84,11 @@ class ShardedTraining:
     def partition_step(self, step: Callable) -> Callable:
         """(state, batch) → (state, metrics), state donated, metrics replicated."""
         return self.partitioner.partition(
-            step, in_shardings=(self.shardings, self.partitioner.data_sharding(2)),
+            step, in_shardings=(self.shardings, self.partitioner.batch_sharding),
             out_shardings=(self.shardings, self.partitioner.replicated), donate_argnums=(0,))
 
     def partition_eval(self, eval_step: Callable) -> Callable:
         """(params, batch) → replicated metric sums."""
         return self.partitioner.partition(
-            eval_step, in_shardings=(self.param_shardings, self.partitioner.data_sharding(2)),
+            eval_step, in_shardings=(self.param_shardings, self.partitioner.batch_sharding),
             out_shardings=self.partitioner.replicated)

@@ -106,3 +106,27 @@ def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]], 
     rest = jax.tree.map(lambda x: x[1:], micro)
     (loss, sums, grads), _ = jax.lax.scan(body, (loss0, sums0, grads0), rest)
     return loss, sums, grads
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, num_micro_batches: int = 1,
+                    count: str = "num_tokens",
+                    input_tokens: Callable[[dict], int] = lambda b: b["input_tokens"].size
+                    ) -> Callable:
+    """(state, batch) → (state, metrics) for any loss_fn returning (summed objective, sums).
+
+    Gradients and every `*_sum` metric are divided by sums[count] over the whole batch (target
+    tokens for SFT, pairs for a reward model), which is what makes micro-batching exact;
+    `correct` becomes `accuracy`."""
+    def step(state, batch):
+        _, sums, grads = accumulate_gradients(loss_fn, state.params, batch, num_micro_batches)
+        n = jnp.maximum(sums[count], 1.0)
+        grads = jax.tree.map(lambda g: g / n, grads)
+        metrics = {name[:-len("_sum")]: value / n for name, value in sums.items()
+                   if name.endswith("_sum")}
+        metrics.update(accuracy=sums["correct"] / n, grad_norm=optax.global_norm(grads),
+                       learning_rate=schedule(state.step),
+                       num_input_tokens=jnp.asarray(input_tokens(batch), jnp.float32))
+        metrics[count] = sums[count]
+        return apply_gradients(state, grads, optimizer), metrics
+    return step

@@ -151,7 +151,7 @@ def train_sft(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
               seed: int = 0, peak_tflops: float | None = None) -> dict:
     """The SFT job: trains (or resumes) into WORKDIR/<stage>/ and exports the final params to
     WORKDIR/<stage>/final (a params checkpoint the next stage loads). `train_data` and
-    `eval_data` have `.batches(start_step)` and `.seq_len` (e.g. data.toy.ReverseTask)."""
+    `eval_data` have `.batches(start_step)` and `.seq_len` (e.g. data.sft_data.SftData)."""
     stage_dir = os.path.join(workdir, stage)
     summary_path = os.path.join(stage_dir, SUMMARY_FILE)
     if os.path.exists(summary_path):

@@ -1,0 +1,1 @@
+"""Xwin-Pair: sample responses, judge pairs (GPT-4 or the rule judge), write preference pairs."""

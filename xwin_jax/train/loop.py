@@ -9,6 +9,7 @@ that state could be saved.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -25,6 +26,29 @@ from xwin_jax.train.metrics import MetricsWriter, device_peak_flops
 
 Batches = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
 CHECKPOINT_DIR = "checkpoints"
+SUMMARY_FILE = "summary.json"
+
+
+def finished_summary(stage_dir: str, stage: str) -> dict | None:
+    """The summary of a stage that already finished (its rerun is a no-op), else None."""
+    path = os.path.join(stage_dir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    print(f"[{stage}] already finished ({path}); delete it to run again")
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_summary(stage_dir: str, summary: dict) -> str:
+    """Writes STAGE_DIR/summary.json atomically (host 0 only); its presence marks the stage
+    as finished."""
+    path = os.path.join(stage_dir, SUMMARY_FILE)
+    if jax.process_index() == 0:
+        os.makedirs(stage_dir, exist_ok=True)
+        with open(path + ".partial", "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(path + ".partial", path)
+    return path
 
 
 class NonFiniteError(RuntimeError):

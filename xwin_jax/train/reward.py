@@ -20,15 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from xwin_jax.checkpoints import hf
-from xwin_jax.checkpoints.params import load_config, load_head, load_params, save_params
+from xwin_jax.checkpoints.params import load_head, load_params, save_params
 from xwin_jax.models import heads
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train import state as train_state
-from xwin_jax.train.loop import train_loop
-from xwin_jax.train.sharded import ShardedTraining
+from xwin_jax.train.loop import finished_summary, train_loop, write_summary
+from xwin_jax.train.sharded import ShardedTraining, initial_model
 
-SUMMARY_FILE = "summary.json"
 EXPORT_DIR = "final"
 STATS_FILE = "reward_stats.json"
 GAP_BUCKETS = ((0, 2), (2, 5), (5, 100))  # rating gap (chosen - rejected) ranges for metrics
@@ -82,17 +81,6 @@ def evaluate_pairs(score_fn, partitioner: Partitioner, data, num_batches: int) -
     return metrics
 
 
-def initial_model(model: LlamaConfig, init_hf_dir: str | None, init_params_dir: str | None
-                  ) -> LlamaConfig:
-    if init_hf_dir and init_params_dir:
-        raise ValueError("set init_hf_dir or init_params_dir, not both")
-    if init_hf_dir:
-        return hf.read_hf_config(init_hf_dir, **model.runtime_fields())
-    if init_params_dir:
-        return load_config(init_params_dir).replace(**model.runtime_fields())
-    return model
-
-
 def initial_params(cfg: LlamaConfig, init_hf_dir: str | None, init_params_dir: str | None,
                    seed: int) -> Any | None:
     """An SFT/LM checkpoint gives the trunk (fresh head); an RM checkpoint gives both."""
@@ -121,11 +109,9 @@ def train_reward(workdir: str, model: LlamaConfig, train_steps: int, train_data:
     (a params checkpoint with head 'score') and final/reward_stats.json (mean and std of the
     rewards on eval_data's responses, or train_data's, for PPO's normalisation)."""
     stage_dir = os.path.join(workdir, stage)
-    summary_path = os.path.join(stage_dir, SUMMARY_FILE)
-    if os.path.exists(summary_path):
-        print(f"[{stage}] already finished ({summary_path}); delete it to train again")
-        with open(summary_path) as f:
-            return json.load(f)
+    done = finished_summary(stage_dir, stage)
+    if done is not None:
+        return done
     started = time.perf_counter()
     partitioner = partitioner or Partitioner()
     cfg = initial_model(model, init_hf_dir, init_params_dir)
@@ -171,12 +157,10 @@ def train_reward(workdir: str, model: LlamaConfig, train_steps: int, train_data:
              "count": int(rewards.size)}
     summary.update(stage=stage, export_dir=export_dir, reward_stats=stats,
                    wall_time_s=round(time.perf_counter() - started, 2))
+    write_summary(stage_dir, summary)
     if jax.process_index() == 0:
         with open(os.path.join(export_dir, STATS_FILE), "w") as f:
             json.dump(stats, f, indent=2)
-        with open(summary_path + ".partial", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(summary_path + ".partial", summary_path)
         print(f"[{stage}] done: eval {summary.get('final_eval')}, reward mean "
               f"{stats['mean']:.3f} std {stats['std']:.3f} → {export_dir}")
     return summary

@@ -7,14 +7,12 @@ packed rows.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from xwin_jax.checkpoints import hf
 from xwin_jax.checkpoints.params import load_config, load_params, save_params
@@ -23,10 +21,9 @@ from xwin_jax.models.llama import Llama
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train import state as train_state
 from xwin_jax.train.state import make_train_step  # noqa: F401  (SFT's step is the generic one)
-from xwin_jax.train.loop import train_loop
-from xwin_jax.train.sharded import ShardedTraining
+from xwin_jax.train.loop import finished_summary, train_loop, write_summary
+from xwin_jax.train.sharded import ShardedTraining, initial_model
 
-SUMMARY_FILE = "summary.json"
 EXPORT_DIR = "final"
 METRIC_SUMS = ("loss_sum", "z_loss_sum", "correct", "num_tokens")
 
@@ -111,19 +108,6 @@ def make_eval_fn(eval_step: Callable, partitioner: Partitioner, eval_data: Any,
     return evaluate
 
 
-def initial_model(model: LlamaConfig, init_hf_dir: str | None,
-                  init_params_dir: str | None) -> LlamaConfig:
-    """The config to train: the architecture from the starting checkpoint (if any), numerics
-    and layout (dtype, remat, ...) from `model`. Reads configs only, never weights."""
-    if init_hf_dir and init_params_dir:
-        raise ValueError("set init_hf_dir or init_params_dir, not both")
-    if init_hf_dir:
-        return hf.read_hf_config(init_hf_dir, **model.runtime_fields())
-    if init_params_dir:
-        return load_config(init_params_dir).replace(**model.runtime_fields())
-    return model
-
-
 def initial_params(setup: ShardedTraining, init_hf_dir: str | None,
                    init_params_dir: str | None) -> Any | None:
     """The starting weights (None: random init), read only when a run starts from scratch.
@@ -153,11 +137,9 @@ def train_sft(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
     WORKDIR/<stage>/final (a params checkpoint the next stage loads). `train_data` and
     `eval_data` have `.batches(start_step)` and `.seq_len` (e.g. data.sft_data.SftData)."""
     stage_dir = os.path.join(workdir, stage)
-    summary_path = os.path.join(stage_dir, SUMMARY_FILE)
-    if os.path.exists(summary_path):
-        print(f"[{stage}] already finished ({summary_path}); delete it to train again")
-        with open(summary_path) as f:
-            return json.load(f)
+    done = finished_summary(stage_dir, stage)
+    if done is not None:
+        return done
     started = time.perf_counter()
     partitioner = partitioner or Partitioner()
     model = initial_model(model, init_hf_dir, init_params_dir)
@@ -195,10 +177,8 @@ def train_sft(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
     save_params(export_dir, model, state.params)
     summary.update(stage=stage, export_dir=export_dir, num_params=model.num_params(),
                    wall_time_s=round(time.perf_counter() - started, 2))
+    write_summary(stage_dir, summary)
     if jax.process_index() == 0:
-        with open(summary_path + ".partial", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(summary_path + ".partial", summary_path)
         print(f"[{stage}] done: {train_steps} steps, final loss "
               f"{summary['final_train_loss']}, params → {export_dir}")
     return summary

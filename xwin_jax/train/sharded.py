@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import optax
 
+from xwin_jax.checkpoints import hf
 from xwin_jax.checkpoints.manager import abstract_like
+from xwin_jax.checkpoints.params import load_config
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.llama import init_params, param_logical_axes
 from xwin_jax.partitioning import Partitioner
@@ -30,6 +32,19 @@ def state_shardings(partitioner: Partitioner, optimizer: optax.GradientTransform
         transform_non_params=lambda _: partitioner.replicated)
     return train_state.TrainState(step=partitioner.replicated, params=param_shardings,
                                   opt_state=opt)
+
+
+def initial_model(model: LlamaConfig, init_hf_dir: str | None,
+                  init_params_dir: str | None) -> LlamaConfig:
+    """The config to train: the architecture from the starting checkpoint (if any), numerics
+    and layout (dtype, remat, ...) from `model`. Reads configs only, never weights."""
+    if init_hf_dir and init_params_dir:
+        raise ValueError("set init_hf_dir or init_params_dir, not both")
+    if init_hf_dir:
+        return hf.read_hf_config(init_hf_dir, **model.runtime_fields())
+    if init_params_dir:
+        return load_config(init_params_dir).replace(**model.runtime_fields())
+    return model
 
 
 def put_global(host_array, sharding):

@@ -1,0 +1,80 @@
+"""What PPO and rejection sampling do with sampled responses: put prompt and response in one
+row, and score the response tokens under the policy, reference, value and reward models.
+
+A rollout row is the left-padded prompt [P] followed by the generated tokens [T] (padding after
+EOS). Response token t is predicted from position P - 1 + t, which is also where the value
+model's estimate for it is read. The reward model reads the last real token (EOS when there is
+one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xwin_jax.models import heads
+from xwin_jax.models.config import LlamaConfig
+from xwin_jax.models.llama import Llama, positions_from_mask
+from xwin_jax.sampling import Generation
+
+
+def assemble(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, generation: Generation
+             ) -> dict[str, np.ndarray]:
+    """tokens/mask [B, P + T], response_mask [B, T] (1 through EOS), finished [B], and the
+    sampler's log-probs [B, T]."""
+    width = generation.tokens.shape[1]
+    response_mask = (np.arange(width)[None, :] < generation.lengths[:, None]).astype(np.int32)
+    return {"tokens": np.concatenate([prompt_tokens, generation.tokens], axis=1).astype(np.int32),
+            "mask": np.concatenate([prompt_mask, response_mask], axis=1).astype(np.int32),
+            "response_mask": response_mask,
+            "finished": generation.finished.astype(bool),
+            "sampler_logprobs": generation.logprobs.astype(np.float32)}
+
+
+def response_logprobs(cfg: LlamaConfig, params: Any, tokens: jax.Array, mask: jax.Array,
+                      prompt_len: int, temperature: float = 1.0
+                      ) -> tuple[jax.Array, jax.Array]:
+    """(log p [B, T] of each response token, entropy [B, T]) under softmax(logits /
+    temperature): the distribution the sampler drew from (without top-k/top-p)."""
+    model = Llama(cfg)
+    mask = mask.astype(jnp.int32)
+    hidden = model.apply({"params": params}, tokens, positions=positions_from_mask(mask),
+                         segment_ids=mask, return_hidden=True)
+    logits = model.apply({"params": params}, hidden[:, prompt_len - 1:-1],
+                         method=Llama.logits_from_hidden)
+    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    logp = jnp.take_along_axis(logp_all, tokens[:, prompt_len:, None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return logp, entropy
+
+
+def response_values(cfg: LlamaConfig, params: Any, tokens: jax.Array, mask: jax.Array,
+                    prompt_len: int) -> jax.Array:
+    """The value model's estimate [B, T] before each response token."""
+    scores = heads.RewardModel(cfg).apply({"params": params}, tokens, mask, per_token=True)
+    return scores[:, prompt_len - 1:-1]
+
+
+def reward_scores(cfg: LlamaConfig, params: Any, tokens: jax.Array, mask: jax.Array
+                  ) -> jax.Array:
+    """The reward model's score [B] at each row's last real token."""
+    return heads.RewardModel(cfg).apply({"params": params}, tokens, mask)
+
+
+def load_reward_stats(reward_dir: str) -> dict[str, float]:
+    """The mean/std train_reward stored next to its export (identity when absent)."""
+    from xwin_jax.train.reward import STATS_FILE
+    path = os.path.join(reward_dir, STATS_FILE)
+    if not os.path.exists(path):
+        print(f"[rollout] no {path}: rewards are used unnormalised")
+        return {"mean": 0.0, "std": 1.0}
+    with open(path) as f:
+        stats = json.load(f)
+    if not stats.get("std"):
+        raise ValueError(f"{path}: std is {stats.get('std')!r}; cannot normalise rewards")
+    return stats

@@ -63,9 +63,10 @@ def _unswap(verdict: dict) -> dict:
 
 
 def judge_pairs(items: Sequence[tuple[str, str, str]], judge: Any, cache_path: str,
-                concurrency: int = 8) -> list[dict]:
+                concurrency: int = 8, swaps: Sequence[bool] | None = None) -> list[dict]:
     """Verdicts (in the items' own A/B order) for (prompt, response_a, response_b) items,
-    from the cache where present, else from the judge, `concurrency` calls at a time."""
+    from the cache where present, else from the judge, `concurrency` calls at a time. The
+    judge sees B first where `swaps` says so (default: drawn from a hash of the item)."""
     cache = read_cache(cache_path)
     lock = threading.Lock()
     keys = [cache_key(p, a, b, judge.model) for p, a, b in items]
@@ -73,7 +74,7 @@ def judge_pairs(items: Sequence[tuple[str, str, str]], judge: Any, cache_path: s
 
     def judge_one(index: int) -> None:
         prompt, a, b = items[index]
-        swapped = int(keys[index][:8], 16) % 2 == 1  # position bias cancels over the set
+        swapped = (int(keys[index][:8], 16) % 2 == 1) if swaps is None else bool(swaps[index])
         verdict = judge.compare(prompt, b, a) if swapped else judge.compare(prompt, a, b)
         record = {"key": keys[index], "swapped": swapped,
                   "verdict": _unswap(verdict) if swapped else verdict}

@@ -93,3 +93,20 @@ def test_dpo_needs_a_starting_policy(setup, tmp_path):
     _, pairs = setup
     with pytest.raises(ValueError, match="init_params_dir"):
         dpo.train_dpo(str(tmp_path), CFG, 1, PairsData([pairs], seq_len=320, batch_size=8))
+
+
+def test_sft_weight_adds_the_chosen_mean_token_nll(setup):
+    _, pairs = setup
+    batch = PairsData([pairs], seq_len=320, batch_size=3).global_batch(0)
+    params = llama.init_params(CFG, jax.random.key(0))
+    batch["chosen_ref_logp"] = np.zeros(3, np.float32)
+    batch["rejected_ref_logp"] = np.zeros(3, np.float32)
+    plain, sums = dpo.dpo_loss_fn(CFG, beta=0.1)(params, batch)
+    with_sft, _ = dpo.dpo_loss_fn(CFG, beta=0.1, sft_weight=0.5)(params, batch)
+    chosen = np.asarray(dpo.sequence_logprobs(CFG, params, batch["chosen_tokens"],
+                                              batch["chosen_response_mask"]))
+    tokens = batch["chosen_response_mask"][:, 1:].sum(axis=1)
+    np.testing.assert_allclose(float(with_sft) - float(plain), 0.5 * np.sum(-chosen / tokens),
+                               rtol=1e-4)
+    np.testing.assert_allclose(float(sums["chosen_nll_sum"]), np.sum(-chosen / tokens),
+                               rtol=1e-4)

@@ -23,3 +23,9 @@ def run(job: Callable[[], Any], output_dir: str,
     if on_start is not None:
         on_start(output_dir)
     return job()
+
+
+def final_dir(workdir: str, stage: str) -> str:
+    """WORKDIR/<stage>/final: where a stage exports what the next one loads (for gin files
+    that chain stages, e.g. POLICY_DIR = @policy/jobs.final_dir())."""
+    return os.path.join(workdir, stage, "final")

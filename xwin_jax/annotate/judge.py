@@ -86,6 +86,10 @@ class RuleJudge:
         return {"better": verdict["better"], "rating_a": float(verdict["rating_a"]),
                 "rating_b": float(verdict["rating_b"]), "reason": verdict["reason"]}
 
+    def rate(self, prompt: str, response: str) -> float:
+        """One response's 1-10 rating (what the quickstart reports as the judge score)."""
+        return float(self._judge.rate(prompt, response).score)
+
 
 @dataclasses.dataclass
 class OpenAIJudge:

@@ -6,7 +6,7 @@ and a rule judge — written in the file formats users bring, so the real code p
     judge = RuleJudge(); judge.rate(prompt, response)  # → Rating(score 1..10, correct, reason)
 
 Every answer is stated as "The answer is X." Families: arithmetic, reversing, sorting,
-counting, case conversion, picking the largest, repeating. The judge recomputes the answer from
+counting, case conversion, picking the largest, parity, first letter, last digit, repeating. The judge recomputes the answer from
 the prompt text alone, then scores correctness first and concision second.
 """
 
@@ -79,6 +79,20 @@ FAMILIES = (
                                                           replace=False)) + "?",
            re.compile(r"^Which is the largest of these numbers: ([\d, ]+)\?$"),
            lambda m: str(max(int(v) for v in m[1].split(", ")))),
+    # Three one-step lookups a tiny model learns from the SFT data within minutes, so the
+    # offline quickstart has mistakes that alignment can fix (the rest need real reasoning).
+    Family("parity",
+           lambda r: f"Is {r.integers(1, 1000)} even or odd?",
+           re.compile(r"^Is (\d+) even or odd\?$"),
+           lambda m: "even" if int(m[1]) % 2 == 0 else "odd"),
+    Family("first_letter",
+           lambda r: f"What is the first letter of the word '{_words(r, 1)[0]}'?",
+           re.compile(r"^What is the first letter of the word '(\w+)'\?$"),
+           lambda m: m[1][0]),
+    Family("last_digit",
+           lambda r: f"What is the last digit of {r.integers(10, 100000)}?",
+           re.compile(r"^What is the last digit of (\d+)\?$"),
+           lambda m: m[1][-1]),
     Family("repeat",
            lambda r: f"Repeat the word '{_words(r, 1)[0]}' {r.integers(2, 5)} times, "
                      f"separated by spaces.",
@@ -101,7 +115,14 @@ def ideal_response(answer: str) -> str:
 
 
 def wrong_answer(answer: str, rng: np.random.Generator) -> str:
-    """A plausible mistake: a number off by a little, or the words/letters scrambled."""
+    """A plausible mistake: the other parity, another letter or digit, a number off by a
+    little, or the words/letters scrambled."""
+    if answer in ("even", "odd"):
+        return "odd" if answer == "even" else "even"
+    if re.fullmatch(r"[a-z0-9]", answer):
+        alphabet = "0123456789" if answer.isdigit() else "abcdefghijklmnopqrstuvwxyz"
+        return alphabet[(alphabet.index(answer) + int(rng.integers(1, len(alphabet))))
+                        % len(alphabet)]
     if re.fullmatch(r"-?\d+", answer):
         return str(int(answer) + int(rng.choice([-2, -1, 1, 2, 10])))
     parts = answer.split(", ") if ", " in answer else list(answer)
@@ -248,7 +269,7 @@ def suite_file(name: str, out_dir: str, seed: int = 0, num_prompts: int = 3000,
                wrong_rate: float = 0.3, verbose_rate: float = 0.3) -> str:
     """The path of one suite file (e.g. 'sft_train'), writing the suite first if it is not
     there yet: what gin files bind data paths to for the offline default."""
-    marker = os.path.join(out_dir, f"suite-v2-{seed}-{num_prompts}-{wrong_rate}-{verbose_rate}.done")
+    marker = os.path.join(out_dir, f"suite-v4-{seed}-{num_prompts}-{wrong_rate}-{verbose_rate}.done")
     if not os.path.exists(marker):
         write_suite(out_dir, seed, num_prompts, wrong_rate=wrong_rate, verbose_rate=verbose_rate)
         open(marker, "w").close()

@@ -152,7 +152,8 @@ def update_leaderboard(path: str, name: str, row: dict) -> None:
 
 def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, judge: Any, *,
                  name: str | None = None, seed: int = 0, concurrency: int = 8,
-                 reward_dir: str | None = None, vocabulary: str = "bytes") -> dict:
+                 reward_dir: str | None = None, vocabulary: str = "bytes",
+                 reward_seq_len: int = 1024, reward_batch_size: int = 32) -> dict:
     """Judges MODEL_OUTPUTS against REFERENCE_OUTPUTS; writes annotations and the leaderboard
     row; returns the row (plus RM numbers when reward_dir is set)."""
     os.makedirs(output_dir, exist_ok=True)
@@ -174,7 +175,8 @@ def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, ju
         row["mean_rating_reference"] = float(np.mean(
             [a["rating_reference"] for a in annotations if a["rating_reference"] is not None]))
     if reward_dir:
-        row.update(reward_model_scores(reward_dir, matched, vocabulary))
+        row.update(reward_model_scores(reward_dir, matched, vocabulary, reward_seq_len,
+                                       reward_batch_size))
     print(f"[evaluate] {name}: win rate {row['win_rate']:.1f} ± {row['standard_error']:.1f} "
           f"(LC {row['length_controlled_winrate']:.1f}) over {row['n_total']} instructions "
           f"→ {output_dir}")

@@ -5,6 +5,8 @@
     sigmoid: loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
              (eps = label_smoothing, the conservative DPO of noisy labels)
     ipo:     loss = (h - 1 / (2 beta))^2
+    + sft_weight x the chosen response's mean token NLL (RPO, TRL's rpo_alpha): keeps the
+      chosen answers likely, which small models otherwise lose along with the rejected ones
 
 The reference log-probs are computed once, before training, and cached in the stage directory
 (a rerun reuses them). Implicit rewards are beta x the log-ratio of each side; expect both to
@@ -64,22 +66,24 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
 
 
 def dpo_loss_fn(cfg: LlamaConfig, beta: float = 0.1, loss_type: str = "sigmoid",
-                label_smoothing: float = 0.0):
+                label_smoothing: float = 0.0, sft_weight: float = 0.0):
     """(params, batch) → (summed loss, sums) for state.make_train_step(count='num_pairs');
     the batch carries chosen_ref_logp / rejected_ref_logp."""
     def loss_fn(params, batch):
         chosen, rejected = pair_logprobs(cfg, params, batch)
         losses = dpo_losses(chosen, rejected, batch["chosen_ref_logp"],
                             batch["rejected_ref_logp"], beta, loss_type, label_smoothing)
+        chosen_tokens = jnp.maximum(jnp.sum(batch["chosen_response_mask"][:, 1:], axis=-1), 1)
+        chosen_nll = -chosen / chosen_tokens
         chosen_reward = beta * (chosen - batch["chosen_ref_logp"])
         rejected_reward = beta * (rejected - batch["rejected_ref_logp"])
-        sums = {"loss_sum": jnp.sum(losses),
+        sums = {"loss_sum": jnp.sum(losses), "chosen_nll_sum": jnp.sum(chosen_nll),
                 "chosen_reward_sum": jnp.sum(chosen_reward),
                 "rejected_reward_sum": jnp.sum(rejected_reward),
                 "margin_sum": jnp.sum(chosen_reward - rejected_reward),
                 "correct": jnp.sum((chosen_reward > rejected_reward).astype(jnp.float32)),
                 "num_pairs": jnp.asarray(chosen.shape[0], jnp.float32)}
-        return sums["loss_sum"], sums
+        return sums["loss_sum"] + sft_weight * sums["chosen_nll_sum"], sums
     return loss_fn
 
 
@@ -103,7 +107,7 @@ def reference_logprobs(logprob_fn, partitioner: Partitioner, arrays: dict[str, n
 def train_dpo(workdir: str, model: LlamaConfig, train_steps: int, train_data: Any, *,
               partitioner: Partitioner | None = None, stage: str = "dpo", beta: float = 0.1,
               loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-              learning_rate: float = 5e-7, warmup_steps: int = 0, decay: str = "cosine",
+              sft_weight: float = 0.0, learning_rate: float = 5e-7, warmup_steps: int = 0, decay: str = "cosine",
               weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
               checkpoint_every: int = 100, keep_checkpoints: int = 3,
               async_checkpoints: bool = True, init_hf_dir: str | None = None,
@@ -152,7 +156,7 @@ def train_dpo(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
     train_data.arrays.update(reference)
 
     step = setup.partition_step(train_state.make_train_step(
-        dpo_loss_fn(cfg, beta, loss_type, label_smoothing), optimizer, schedule,
+        dpo_loss_fn(cfg, beta, loss_type, label_smoothing, sft_weight), optimizer, schedule,
         count="num_pairs",
         input_tokens=lambda b: b["chosen_tokens"].size + b["rejected_tokens"].size))
     state, summary = train_loop(

@@ -77,18 +77,18 @@ def rejection_sample(stage_dir: str, prompts_path: str, policy_dir: str, reward_
                      max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 0,
                      top_p: float = 1.0, threshold: float | None = None,
                      max_prompt_len: int = 512, vocabulary: str = "bytes",
-                     system: str | None = None, seed: int = 0,
+                     system: str | None = None, seed: int = 0, max_prompts: int | None = None,
                      partitioner: Partitioner | None = None) -> dict:
-    """Samples and scores every prompt not yet in STAGE_DIR/samples.jsonl, then writes
-    best_of_n.jsonl from all of them; returns selection statistics. `threshold` is in
-    normalised reward units (the RM's reward_stats.json)."""
+    """Samples and scores every prompt (the first max_prompts) not yet in
+    STAGE_DIR/samples.jsonl, then writes best_of_n.jsonl from all of them; returns selection
+    statistics. `threshold` is in normalised reward units (the RM's reward_stats.json)."""
     from tqdm import tqdm
 
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples}: need at least 1")
     os.makedirs(stage_dir, exist_ok=True)
     vocab = get_vocabulary(vocabulary)
-    prompts = formats.read_prompts(prompts_path).records
+    prompts = formats.read_prompts(prompts_path).records[:max_prompts]
     samples_path = os.path.join(stage_dir, SAMPLES_FILE)
     done = read_done(samples_path)
     pending = [i for i in range(len(prompts)) if i not in done]
@@ -162,7 +162,8 @@ def train_rejection(workdir: str, model: LlamaConfig, train_steps: int, prompts_
                     top_p: float = 1.0, threshold: float | None = None,
                     max_prompt_len: int = 512, batch_size: int = 16, seq_len: int = 512,
                     vocabulary: str = "bytes", system: str | None = None, seed: int = 0,
-                    partitioner: Partitioner | None = None, **sft_kwargs) -> dict:
+                    max_prompts: int | None = None, partitioner: Partitioner | None = None,
+                    **sft_kwargs) -> dict:
     """Best-of-n selection, then SFT from policy_dir on the winners into WORKDIR/<stage>/
     (sft_kwargs: learning_rate, warmup_steps, ... of train_sft)."""
     stage_dir = os.path.join(workdir, stage)
@@ -174,7 +175,8 @@ def train_rejection(workdir: str, model: LlamaConfig, train_steps: int, prompts_
         stage_dir, prompts_path, policy_dir, reward_dir, model, num_samples=num_samples,
         batch_size=sample_batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, threshold=threshold, max_prompt_len=max_prompt_len,
-        vocabulary=vocabulary, system=system, seed=seed, partitioner=partitioner)
+        vocabulary=vocabulary, system=system, seed=seed, max_prompts=max_prompts,
+        partitioner=partitioner)
     data = SftData([os.path.join(stage_dir, BEST_FILE)], seq_len=seq_len,
                    batch_size=batch_size, vocabulary=vocabulary, seed=seed, system=system)
     summary = train_sft(workdir, model, train_steps, data, partitioner=partitioner,

@@ -1,10 +1,6 @@
 """Xwin-Pair annotation: a fake OpenAI-compatible judge on loopback that injects faults."""
 
 import json
-import re
-import socket
-import threading
-import time
 
 import jax
 import pytest
@@ -18,80 +14,6 @@ from xwin_jax.models import llama
 ITEMS = [(f"Question {i}?", "short" * (1 + i % 2), "a much longer answer " * (2 + i))
          for i in range(6)]
 FAULTS = ["429", "500", "timeout", "malformed", "truncated"]
-
-
-class FakeJudge:
-    """Scripted verdicts (the shorter answer wins by 5) and, for the first calls, faults."""
-
-    def __init__(self, faults):
-        self.faults = list(faults)
-        self.calls = 0
-        self.lock = threading.Lock()
-
-    def app(self):
-        import asyncio
-
-        import fastapi
-        from fastapi.responses import JSONResponse
-
-        app = fastapi.FastAPI()
-
-        @app.post("/v1/chat/completions")
-        async def chat(body: dict):
-            with self.lock:
-                self.calls += 1
-                fault = self.faults.pop(0) if self.faults else None
-            if fault == "429":
-                return JSONResponse({"error": {"message": "slow down"}}, status_code=429,
-                                    headers={"retry-after": "0"})
-            if fault == "500":
-                return JSONResponse({"error": {"message": "boom"}}, status_code=500)
-            if fault == "timeout":
-                await asyncio.sleep(1.5)
-            text = body["messages"][-1]["content"]
-            a = re.search(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]", text, re.DOTALL).group(1)
-            b = re.search(r"\[Answer B\]\n(.*?)\n\nWhich answer", text, re.DOTALL).group(1)
-            better = "A" if len(a) < len(b) else "B"
-            content = json.dumps({"better": better, "rating_a": 9 if better == "A" else 4,
-                                  "rating_b": 9 if better == "B" else 4, "reason": "shorter"})
-            finish = "stop"
-            if fault == "malformed":
-                content = '{"better": "A", "rating_a": 9,'
-            if fault == "truncated":
-                content, finish = content[:20], "length"
-            return {"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
-                    "choices": [{"index": 0, "finish_reason": finish,
-                                 "message": {"role": "assistant", "content": content}}],
-                    "usage": {"prompt_tokens": 100, "completion_tokens": 20,
-                              "total_tokens": 120}}
-
-        return app
-
-
-@pytest.fixture
-def fake_judge():
-    import uvicorn
-
-    servers = []
-
-    def start(faults):
-        fake = FakeJudge(faults)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(fake.app(), host="127.0.0.1", port=port,
-                                               log_level="error"))
-        threading.Thread(target=server.run, daemon=True).start()
-        while not server.started:
-            time.sleep(0.02)
-        servers.append(server)
-        judge = judge_lib.OpenAIJudge(model="fake-gpt-4", base_url=f"http://127.0.0.1:{port}/v1",
-                                      api_key="sk-secret-test", timeout_s=0.5, backoff_s=0.01)
-        return fake, judge
-
-    yield start
-    for server in servers:
-        server.should_exit = True
 
 
 def test_faults_are_retried_and_every_pair_is_judged_once(fake_judge, tmp_path):

@@ -123,13 +123,16 @@ def test_reward_model_columns(outputs, tmp_path):
     params = heads.init_reward_params(cfg, jax.random.key(0))
     vocab = get_vocabulary("bytes")
 
-    def alone(instruction, output):
+    score = jax.jit(lambda tokens, mask: heads.RewardModel(cfg).apply({"params": params},
+                                                                      tokens, mask))
+
+    def alone(instruction, output):  # one row, right-padded to a fixed width
         ids = template.tokenize_conversation(formats.Conversation((
             formats.Message(formats.USER, instruction),
             formats.Message(formats.ASSISTANT, output))), vocab).ids
-        reward = heads.RewardModel(cfg).apply({"params": params}, np.asarray([ids]),
-                                              np.ones((1, len(ids)), np.int32))
-        return (float(reward[0]) - 0.5) / 2.0
+        tokens, mask = np.zeros((1, 384), np.int32), np.zeros((1, 384), np.int32)
+        tokens[0, :len(ids)], mask[0, :len(ids)] = ids, 1
+        return (float(score(tokens, mask)[0]) - 0.5) / 2.0
 
     model = [alone(m["instruction"], m["output"]) for m, _ in matched]
     reference = [alone(r["instruction"], r["output"]) for _, r in matched]
@@ -148,3 +151,28 @@ def test_bad_outputs_files_name_the_problem(tmp_path):
         pairwise.read_outputs(str(path))
     with pytest.raises(ValueError, match="no reference output"):
         pairwise.match_outputs([{"instruction": "a", "output": "b"}], [])
+
+
+def test_evaluate_job_with_an_openai_compatible_judge(fake_judge, outputs, tmp_path):
+    """The fake GPT-4 prefers the shorter answer; it sees each pair in the drawn order."""
+    fake, judge = fake_judge(["429"])
+    model = pairwise.read_outputs(outputs["model"])
+    reference = pairwise.read_outputs(outputs["reference"])
+    row = pairwise.evaluate_job(outputs["model"], outputs["reference"], str(tmp_path / "eval"),
+                                judge)
+    shorter = sum(len(m["output"]) < len(r["output"]) for m, r in zip(model, reference))
+    longer = sum(len(m["output"]) > len(r["output"]) for m, r in zip(model, reference))
+    assert (row["n_wins"], row["n_wins_base"], row["n_draws"]) == (shorter, longer, 1)
+    assert row["judge"] == "fake-gpt-4" and fake.calls == 11 + 1  # 11 pairs, one 429 retried
+    # A judge that only compares gives SFT's score from its side of the comparisons.
+    from xwin_jax.report import table
+    results = {"eval/sft": {"judge_score": None, "task_accuracy": None, "win_rate_vs_sft": 50.0,
+                            "standard_error": 0.0, "length_controlled_winrate": 50.0,
+                            "rm_mean_reward": None},
+               "eval/ppo": {"judge_score": row["mean_rating_model"], "task_accuracy": None,
+                            "win_rate_vs_sft": row["win_rate"],
+                            "standard_error": row["standard_error"],
+                            "length_controlled_winrate": row["length_controlled_winrate"],
+                            "rm_mean_reward": None,
+                            "sft_judge_score_in_comparison": row["mean_rating_reference"]}}
+    assert f"| sft | {row['mean_rating_reference']:.2f} |" in table(results)

@@ -33,7 +33,7 @@ def test_every_aligned_stage_beats_sft_on_the_held_out_judge_score(quickstart):
     assert sft["win_rate_vs_sft"] == 50.0  # SFT against itself: all draws
     for stage in ("rejection", "ppo", "dpo"):
         row = results[f"eval/{stage}"]
-        assert row["judge_score"] > sft["judge_score"] + 0.1, (stage, row, sft)
+        assert row["judge_score"] > sft["judge_score"] + 0.05, (stage, row, sft)
         assert row["win_rate_vs_sft"] > 50.0, (stage, row)
     # PPO's KL to the reference stays bounded and non-negative beyond noise.
     with open(os.path.join(quickstart[0], "ppo", "metrics.jsonl")) as f:

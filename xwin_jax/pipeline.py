@@ -146,7 +146,9 @@ def eval_stage(stage_dir: str, name: str, policy_dir: str, sft_eval_dir: str | N
             "mean_length": float(np.mean([len(o["output"]) for o in outputs])),
             "win_rate_vs_sft": row["win_rate"], "standard_error": row["standard_error"],
             "length_controlled_winrate": row["length_controlled_winrate"],
-            "rm_mean_reward": row.get("rm_mean_reward")}
+            "rm_mean_reward": row.get("rm_mean_reward"),
+            # SFT's answers as rated in these comparisons (a judge without its own rating)
+            "sft_judge_score_in_comparison": row.get("mean_rating_reference")}
 
 
 def _run_stage(workdir: str, name: str, stage: Callable[[str], dict]) -> dict:
@@ -179,7 +181,8 @@ def run(workdir: str, model: LlamaConfig, judge: Any = None, *, seed: int = 0,
         rejection_prompts: int = 512, rejection_samples: int = 8, rejection_steps: int = 100,
         rejection_learning_rate: float = 3e-4,
         ppo_iterations: int = 20, ppo_batch_size: int = 64, ppo_learning_rate: float = 1e-4,
-        ppo_value_learning_rate: float = 1e-3, ppo_config: ppo.PPOConfig | None = None,
+        ppo_value_learning_rate: float = 1e-3, ppo_kl_coef: float = 0.2,
+        ppo_config: ppo.PPOConfig | None = None,
         dpo_steps: int = 100, dpo_batch_size: int = 16, dpo_learning_rate: float = 3e-5,
         dpo_beta: float = 0.1, dpo_sft_weight: float = 1.0, eval_prompts: int = 512) -> dict:
     """Runs the stages in order (see the module docstring); returns {stage: summary}."""
@@ -219,7 +222,8 @@ def run(workdir: str, model: LlamaConfig, judge: Any = None, *, seed: int = 0,
         seq_len=seq_len, seed=seed, partitioner=partitioner,
         learning_rate=rejection_learning_rate, checkpoint_every=max(rejection_steps // 2, 1))
     config = ppo_config or ppo.PPOConfig(max_new_tokens=max_new_tokens,
-                                         temperature=temperature, epochs=2, num_minibatches=2)
+                                         temperature=temperature, kl_coef=ppo_kl_coef,
+                                         epochs=2, num_minibatches=2)
     results["ppo"] = ppo.train_ppo(
         workdir, model, ppo_iterations,
         PromptsData([paths["prompts_train"]], seq_len // 2, ppo_batch_size, seed=seed),

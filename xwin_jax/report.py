@@ -36,9 +36,15 @@ def table(results: dict) -> str:
     lines = ["| stage | judge score (1-10) | task accuracy | win rate vs SFT | LC win rate | "
              "RM reward | RM accuracy | wall time (s) |",
              "|---|---|---|---|---|---|---|---|"]
+    sft_in_comparisons = [results[f"eval/{n}"].get("sft_judge_score_in_comparison")
+                          for n in ("rejection", "ppo", "dpo") if f"eval/{n}" in results]
+    sft_in_comparisons = [v for v in sft_in_comparisons if v is not None]
     for name in ("sft", "reward", "rejection", "ppo", "dpo"):
         train = results.get(name, {})
         row = results.get(f"eval/{name}")
+        if name == "sft" and row and row["judge_score"] is None and sft_in_comparisons:
+            # A judge that only compares: SFT's ratings from the other stages' comparisons.
+            row = dict(row, judge_score=sum(sft_in_comparisons) / len(sft_in_comparisons))
         wall = train.get("wall_time_s")
         if row is None:  # the reward model: its held-out pair accuracy
             accuracy = (train.get("final_eval") or {}).get("accuracy")

@@ -77,7 +77,7 @@ def test_train_dpo_starts_at_log2_caches_the_reference_and_learns(setup, tmp_pat
     chosen, _ = dpo.pair_logprobs(CFG, params, {k: v[:3] for k, v in first.items()})
     np.testing.assert_allclose(cached["chosen_ref_logp"][:3], chosen, rtol=1e-5)
     os.remove(tmp_path / "dpo" / "summary.json")
-    with pytest.raises(ValueError, match="delete it to recompute"):
+    with pytest.raises(ValueError, match="other pairs"):
         dpo.train_dpo(str(tmp_path), CFG, 12, _fewer_pairs(pairs, tmp_path),
                       init_params_dir=str(root / "policy"))
 

@@ -130,3 +130,15 @@ def test_killed_run_resumes_to_the_same_policy(checkpoints, tmp_path):
                     jax.tree.leaves(load_params(resumed["export_dir"])[1])):
         np.testing.assert_allclose(a, b, atol=1e-6)
     shutil.rmtree(tmp_path)
+
+
+def test_values_are_in_the_units_of_the_normalised_rewards():
+    params = heads.init_reward_params(CFG, jax.random.key(1))
+    tokens = np.arange(3, 3 + 2 * 9, dtype=np.int32).reshape(2, 9)
+    mask = np.ones((2, 9), np.int32)
+    raw = rollout.response_values(CFG, params, tokens, mask, 5)
+    values = ppo.values_fn(CFG, 5, {"mean": 0.5, "std": 4.0})(params, tokens, mask)
+    np.testing.assert_allclose(values, (np.asarray(raw) - 0.5) / 4.0, rtol=1e-6)
+    # Read before each response token: position P - 1 + t of the per-token scores.
+    per_token = heads.RewardModel(CFG).apply({"params": params}, tokens, mask, per_token=True)
+    np.testing.assert_allclose(raw, np.asarray(per_token)[:, 4:8], rtol=1e-6)

@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from xwin_jax.checkpoints.params import load_params, save_params
 from xwin_jax.data import formats
@@ -54,6 +55,9 @@ def test_samples_are_scored_best_is_chosen_and_a_killed_run_resumes(tmp_path):
     assert selection["mean_best_score"] >= selection["mean_score"]
     best = formats.read_sft(str(tmp_path / "a" / rejection.BEST_FILE)).records
     assert len(best) == selection["kept"]
+    # The selection is made again from the saved samples: a new threshold applies to them.
+    with pytest.raises(ValueError, match="above the threshold"):
+        sample(tmp_path, tmp_path / "a", threshold=1e9)
     # Killed after two prompts (and half a line): the rerun completes the same file.
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / rejection.SAMPLES_FILE).write_text("\n".join(lines[:2]) + "\n"

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 
 def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
-    return jnp.sum(x * mask, axis=axis)
+    """Sum over mask == 1; by selection, so an inf or NaN on padding cannot leak in."""
+    return jnp.sum(jnp.where(mask > 0, x, 0.0), axis=axis)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
@@ -40,7 +41,7 @@ def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True,
     out = (x - mean) * jax.lax.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return jnp.where(mask > 0, out, 0.0)
 
 
 def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k1") -> jax.Array:
@@ -65,7 +66,7 @@ def last_index(mask: jax.Array) -> jax.Array:
 
 def token_rewards(score: jax.Array, kl: jax.Array, mask: jax.Array, beta) -> jax.Array:
     """-beta * KL at every response token, plus the sequence score [B] at the last one."""
-    rewards = -beta * kl * mask
+    rewards = jnp.where(mask > 0, -beta * kl, 0.0)
     at_last = jax.nn.one_hot(last_index(mask), mask.shape[-1], dtype=rewards.dtype)
     return rewards + score[:, None] * at_last * (jnp.sum(mask, axis=-1, keepdims=True) > 0)
 
@@ -97,7 +98,9 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
                 clip: float = 0.2) -> tuple[jax.Array, dict]:
     """The clipped surrogate, max(-A r, -A clip(r, 1-eps, 1+eps)) averaged over response
     tokens, with the clip fraction and approx-KL (mean of (log r)^2 / 2)."""
-    log_ratio = logp - old_logp
+    # Zeroed on padding before exp: an untrained pad log-prob must not overflow (or give a NaN
+    # gradient through the masked-out branch).
+    log_ratio = jnp.where(mask > 0, logp - old_logp, 0.0)
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)

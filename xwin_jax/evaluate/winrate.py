@@ -6,6 +6,9 @@
     length-controlled win rate
                     a logistic regression of (preference - 1) on tanh(standardised length
                     difference, model - reference); its prediction at zero difference, x 100
+                    (AlpacaEval 2.0's GLM also has per-instruction difficulty terms; this
+                    one-instruction-blind fit is its length part only, so numbers are close to,
+                    not equal to, the official tool's)
 """
 
 from __future__ import annotations

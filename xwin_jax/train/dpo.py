@@ -15,6 +15,7 @@ fall while their margin grows.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from typing import Any
@@ -71,9 +72,16 @@ def dpo_loss_fn(cfg: LlamaConfig, beta: float = 0.1, loss_type: str = "sigmoid",
     the batch carries chosen_ref_logp / rejected_ref_logp."""
     def loss_fn(params, batch):
         chosen, rejected = pair_logprobs(cfg, params, batch)
-        losses = dpo_losses(chosen, rejected, batch["chosen_ref_logp"],
-                            batch["rejected_ref_logp"], beta, loss_type, label_smoothing)
-        chosen_tokens = jnp.maximum(jnp.sum(batch["chosen_response_mask"][:, 1:], axis=-1), 1)
+        chosen_tokens, rejected_tokens = (
+            jnp.maximum(jnp.sum(batch[f"{side}_response_mask"][:, 1:], axis=-1), 1)
+            for side in SIDES)
+        if loss_type == "ipo":  # IPO's target 1/(2 beta) is per token: mean log-probs (TRL)
+            losses = dpo_losses(chosen / chosen_tokens, rejected / rejected_tokens,
+                                batch["chosen_ref_logp"] / chosen_tokens,
+                                batch["rejected_ref_logp"] / rejected_tokens, beta, loss_type)
+        else:
+            losses = dpo_losses(chosen, rejected, batch["chosen_ref_logp"],
+                                batch["rejected_ref_logp"], beta, loss_type, label_smoothing)
         chosen_nll = -chosen / chosen_tokens
         chosen_reward = beta * (chosen - batch["chosen_ref_logp"])
         rejected_reward = beta * (rejected - batch["rejected_ref_logp"])
@@ -104,6 +112,15 @@ def reference_logprobs(logprob_fn, partitioner: Partitioner, arrays: dict[str, n
     return out
 
 
+def _fingerprint(arrays: dict[str, np.ndarray], reference_dir: str | None) -> str:
+    """What the cached reference log-probs depend on: the tokenized pairs and the policy."""
+    digest = hashlib.sha256(os.path.abspath(reference_dir or "").encode())
+    for key in ("chosen_tokens", "rejected_tokens", "chosen_response_mask",
+                "rejected_response_mask"):
+        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return digest.hexdigest()
+
+
 def train_dpo(workdir: str, model: LlamaConfig, train_steps: int, train_data: Any, *,
               partitioner: Partitioner | None = None, stage: str = "dpo", beta: float = 0.1,
               loss_type: str = "sigmoid", label_smoothing: float = 0.0,
@@ -131,10 +148,15 @@ def train_dpo(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
     setup = ShardedTraining.create(cfg, partitioner, optimizer, seed)
 
     reference_path = os.path.join(stage_dir, REFERENCE_FILE)
+    fingerprint = _fingerprint(train_data.arrays, init_hf_dir or init_params_dir)
+    reference = None
     if os.path.exists(reference_path):
         with np.load(reference_path) as cached:
             reference = {k: cached[k] for k in cached.files}
-    else:
+        if str(reference.pop("fingerprint", "")) != fingerprint:
+            raise ValueError(f"{reference_path} was computed for other pairs, seq_len or "
+                             f"reference policy; delete it to recompute")
+    if reference is None:
         reference_params = initial_params(setup, init_hf_dir, init_params_dir)
         reference_params = jax.tree.map(
             lambda x, s: x if isinstance(x, jax.Array) else put_global(np.asarray(x), s),
@@ -148,11 +170,9 @@ def train_dpo(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
         del reference_params
         if jax.process_index() == 0:
             os.makedirs(stage_dir, exist_ok=True)
-            np.savez(reference_path + ".partial.npz", **reference)
+            np.savez(reference_path + ".partial.npz", fingerprint=np.asarray(fingerprint),
+                     **reference)
             os.replace(reference_path + ".partial.npz", reference_path)
-    if len(reference["chosen_ref_logp"]) != train_data.num_pairs:
-        raise ValueError(f"{reference_path} holds {len(reference['chosen_ref_logp'])} pairs but "
-                         f"the data has {train_data.num_pairs}; delete it to recompute")
     train_data.arrays.update(reference)
 
     step = setup.partition_step(train_state.make_train_step(

@@ -37,7 +37,7 @@ from xwin_jax.models.config import LlamaConfig
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train import rollout
 from xwin_jax.train import state as train_state
-from xwin_jax.train.loop import finished_summary, train_loop, write_summary
+from xwin_jax.train.loop import NonFiniteError, finished_summary, train_loop, write_summary
 from xwin_jax.train.sharded import ShardedTraining, put_global
 
 EXPORT_DIR = "final"
@@ -79,6 +79,8 @@ def advantages(cfg: PPOConfig, scores: jax.Array, finished: jax.Array, logp: jax
     """Per-token rewards, advantages and returns for one rollout batch, plus its KL metrics.
     `scores` are already normalised; rows without EOS get cfg.missing_eos_score."""
     mask = mask.astype(jnp.float32)
+    # Padding after EOS holds untrained log-probs: zero them so no estimator overflows there.
+    logp, ref_logp = (jnp.where(mask > 0, x, 0.0) for x in (logp, ref_logp))
     scores = jnp.where(finished, scores, cfg.missing_eos_score)
     kl = rl.kl_penalty(logp, ref_logp, cfg.kl_estimator)
     rewards = rl.token_rewards(scores, kl, mask, beta)
@@ -94,9 +96,12 @@ def advantages(cfg: PPOConfig, scores: jax.Array, finished: jax.Array, logp: jax
 
 def make_update_step(policy_cfg: LlamaConfig, value_cfg: LlamaConfig, cfg: PPOConfig,
                      prompt_len: int, policy_optimizer: optax.GradientTransformation,
-                     value_optimizer: optax.GradientTransformation):
+                     value_optimizer: optax.GradientTransformation,
+                     value_stats: dict | None = None):
     """(policy state, value state, minibatch) → (states, metrics): one clipped policy update
-    and one clipped value update."""
+    and one clipped value update. `value_stats` (mean, std) puts the value head in the units
+    of the normalised rewards (see values_fn)."""
+    values_of = values_fn(value_cfg, prompt_len, value_stats)
     def policy_objective(params, mb):
         logp, entropy = rollout.response_logprobs(policy_cfg, params, mb["tokens"], mb["mask"],
                                                   prompt_len, cfg.temperature)
@@ -105,8 +110,7 @@ def make_update_step(policy_cfg: LlamaConfig, value_cfg: LlamaConfig, cfg: PPOCo
         return loss, dict(stats, entropy=rl.masked_mean(entropy, mb["response_mask"]))
 
     def value_objective(params, mb):
-        values = rollout.response_values(value_cfg, params, mb["tokens"], mb["mask"],
-                                         prompt_len)
+        values = values_of(params, mb["tokens"], mb["mask"])
         loss, stats = rl.value_loss(values, mb["old_values"], mb["returns"],
                                     mb["response_mask"], cfg.value_clip)
         return cfg.value_coef * loss, dict(stats, value_loss=loss)
@@ -123,6 +127,19 @@ def make_update_step(policy_cfg: LlamaConfig, value_cfg: LlamaConfig, cfg: PPOCo
                 train_state.apply_gradients(value, value_grads, value_optimizer), metrics)
 
     return step
+
+
+def values_fn(value_cfg: LlamaConfig, prompt_len: int, stats: dict | None = None):
+    """(params, tokens, mask) → values [B, T] in normalised-reward units. The value model
+    starts as the reward model, whose raw scores are (r - mean) / std away from the
+    normalised rewards it must predict; the same affine map is applied in scoring and in the
+    update, so it is simply part of the value head."""
+    mean, std = (stats["mean"], stats["std"]) if stats else (0.0, 1.0)
+
+    def values(params, tokens, mask):
+        return (rollout.response_values(value_cfg, params, tokens, mask, prompt_len)
+                - mean) / std
+    return values
 
 
 def _load_trainable(directory: str, head: str, setup: ShardedTraining, seed: int) -> Any:
@@ -207,21 +224,21 @@ def train_ppo(workdir: str, model: LlamaConfig, train_steps: int, prompts: Any, 
 
     batch = partitioner.batch_sharding
     prompt_len = prompts.max_prompt_len
+    values_of = values_fn(value_cfg, prompt_len, stats)
     score_fn = partitioner.partition(
         lambda policy, ref, value, rm, b: (
             rollout.response_logprobs(policy_cfg, policy, b["tokens"], b["mask"],
                                       prompt_len, ppo.temperature),
             rollout.response_logprobs(policy_cfg, ref, b["tokens"], b["mask"],
                                       prompt_len, ppo.temperature)[0],
-            rollout.response_values(value_cfg, value, b["tokens"], b["mask"],
-                                    prompt_len),
+            values_of(value, b["tokens"], b["mask"]),
             rollout.reward_scores(reward_cfg, rm, b["tokens"], b["mask"])),
         in_shardings=(policy_setup.param_shardings, policy_setup.param_shardings,
                       value_setup.param_shardings, reward_shardings, batch),
         out_shardings=batch)
     advantages_fn = jax.jit(lambda *args: advantages(ppo, *args))
     update = partitioner.partition(
-        make_update_step(policy_cfg, value_cfg, ppo, prompt_len, policy_opt, value_opt),
+        make_update_step(policy_cfg, value_cfg, ppo, prompt_len, policy_opt, value_opt, stats),
         in_shardings=(policy_setup.shardings, value_setup.shardings, batch),
         out_shardings=(policy_setup.shardings, value_setup.shardings, scalar),
         donate_argnums=(0, 1))
@@ -268,6 +285,11 @@ def train_ppo(workdir: str, model: LlamaConfig, train_steps: int, prompts: Any, 
                 update_metrics.append(metrics)
         update_metrics = jax.device_get(update_metrics)
         times["time_update_s"] = time.perf_counter() - began
+        bad = [m["value_grad_norm"] for m in update_metrics
+               if not np.isfinite(m["value_grad_norm"])]
+        if bad:
+            raise NonFiniteError(f"iteration {int(state.iteration) + 1}: value gradient norm "
+                                 f"{bad[0]}; stopping without saving this state")
 
         response_mask = rows["response_mask"].astype(np.float32)
         kl = float(computed["kl_k1"])

@@ -27,11 +27,14 @@ from xwin_jax.data import converters, formats
 from xwin_jax.data.sft_data import SftData
 from xwin_jax.data.vocabulary import get_vocabulary
 from xwin_jax.generate import read_done
+from xwin_jax.models import heads
 from xwin_jax.models.config import LlamaConfig
+from xwin_jax.models.llama import param_logical_axes, param_shapes
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train import rollout
 from xwin_jax.train.loop import finished_summary, write_summary
 from xwin_jax.train.sft import train_sft
+from xwin_jax.train.sharded import put_global
 
 SAMPLES_FILE = "samples.jsonl"
 BEST_FILE = "best_of_n.jsonl"
@@ -45,6 +48,14 @@ def best_index(scores: np.ndarray, finished: np.ndarray, threshold: float | None
     if not np.isfinite(eligible[best]) or (threshold is not None and eligible[best] < threshold):
         return None
     return best
+
+
+def _placed(directory: str, partitioner: Partitioner, logical_axes: Any, shapes: Any,
+            scan_layers: bool) -> Any:
+    """A checkpoint's params as global arrays in the partitioner's shardings."""
+    shardings = partitioner.shardings_for(logical_axes, shapes)
+    params = load_params(directory, scan_layers=scan_layers, to_host=True)[1]
+    return jax.tree.map(lambda x, s: put_global(np.asarray(x), s), params, shardings)
 
 
 def sample_and_score(params: Any, cfg: LlamaConfig, score_fn: Callable, ids: list[list[int]],
@@ -86,6 +97,9 @@ def rejection_sample(stage_dir: str, prompts_path: str, policy_dir: str, reward_
 
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples}: need at least 1")
+    if jax.process_count() > 1:
+        raise NotImplementedError("rejection sampling runs on one host for now (one writer of "
+                                  "samples.jsonl); shard over the devices of one host")
     os.makedirs(stage_dir, exist_ok=True)
     vocab = get_vocabulary(vocabulary)
     prompts = formats.read_prompts(prompts_path).records[:max_prompts]
@@ -93,13 +107,27 @@ def rejection_sample(stage_dir: str, prompts_path: str, policy_dir: str, reward_
     done = read_done(samples_path)
     pending = [i for i in range(len(prompts)) if i not in done]
     runtime = model.runtime_fields()
-    policy_cfg, policy = load_params(policy_dir, scan_layers=model.scan_layers, to_host=True)
-    policy_cfg = policy_cfg.replace(**runtime)
+    partitioner = partitioner or Partitioner({"data": 1, "fsdp": 1, "tensor": 1})
+    policy_cfg = load_config(policy_dir).replace(**runtime)
     reward_cfg = load_config(reward_dir).replace(**runtime)
-    reward = load_params(reward_dir, scan_layers=model.scan_layers, to_host=True)[1]
+    # Both models placed once, sharded like training shards them (no per-batch re-upload).
+    policy = _placed(policy_dir, partitioner, param_logical_axes(policy_cfg),
+                     param_shapes(policy_cfg), policy_cfg.scan_layers)
+    reward_shardings = partitioner.shardings_for(heads.reward_param_logical_axes(reward_cfg),
+                                                 heads.reward_param_shapes(reward_cfg))
+    reward = _placed(reward_dir, partitioner, heads.reward_param_logical_axes(reward_cfg),
+                     heads.reward_param_shapes(reward_cfg), reward_cfg.scan_layers)
     stats = rollout.load_reward_stats(reward_dir)
-    score_fn = jax.jit(lambda tokens, mask: (rollout.reward_scores(
-        reward_cfg, reward, tokens, mask) - stats["mean"]) / stats["std"])
+    scorer = partitioner.partition(
+        lambda params, tokens, mask: (rollout.reward_scores(reward_cfg, params, tokens, mask)
+                                      - stats["mean"]) / stats["std"],
+        in_shardings=(reward_shardings, partitioner.batch_sharding,
+                      partitioner.batch_sharding),
+        out_shardings=partitioner.replicated)
+
+    def score_fn(tokens, mask):
+        sharded = partitioner.shard_batch({"tokens": tokens, "mask": mask})
+        return scorer(reward, sharded["tokens"], sharded["mask"])
     ids = {i: converters.prompt_ids(prompts[i].conversation, vocab, max_prompt_len, system)
            for i in pending}
     group = max(1, batch_size // num_samples)
@@ -134,6 +162,9 @@ def rejection_sample(stage_dir: str, prompts_path: str, policy_dir: str, reward_
     winners, best_scores, mean_scores = [], [], []
     for index in sorted(done):
         record = done[index]
+        # Chosen again here, so a changed threshold applies to prompts sampled earlier too.
+        record["best"] = best_index(np.array(record["scores"]), np.array(record["finished"]),
+                                    threshold)
         if record["best"] is None:
             continue
         finished_scores = [s for s, f in zip(record["scores"], record["finished"]) if f]

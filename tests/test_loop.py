@@ -33,7 +33,7 @@ def launch_tiny_sft(workdir, steps):
     return subprocess.Popen(
         [sys.executable, "-m", "xwin_jax.launch", "--gin_file=gin/experiments/tiny_sft.gin",
          f"--gin.WORKDIR='{workdir}'", f"--gin.DATA_DIR='{workdir.parent / 'data'}'",
-         f"--gin.TRAIN_STEPS={steps}", "--gin.BATCH_SIZE=8",
+         f"--gin.TRAIN_STEPS={steps}", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=256",
          "--gin.sft.train_sft.checkpoint_every=10", "--gin.sft.train_sft.eval_every=0"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

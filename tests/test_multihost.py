@@ -22,7 +22,7 @@ def free_port():
 def sft_command(workdir, extra=()):
     return [sys.executable, "-m", "xwin_jax.launch", "--gin_file=gin/experiments/tiny_sft.gin",
             f"--gin.WORKDIR='{workdir}'", f"--gin.DATA_DIR='{workdir.parent / 'data'}'",
-            "--gin.TRAIN_STEPS=6", "--gin.BATCH_SIZE=8",
+            "--gin.TRAIN_STEPS=6", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=256",
             "--gin.sft.train_sft.learning_rate=1e-3", "--gin.sft.train_sft.checkpoint_every=3",
             "--gin.sft.train_sft.eval_every=0", *extra]
 

@@ -123,7 +123,7 @@ def test_sft_trains_from_a_prepared_tfds_task_through_gin(tmp_path):
         f"WORKDIR = '{tmp_path / 'w'}'", f"DATA_DIR = '{tmp_path / 'data'}'",
         f"TFDS_DIR = '{tmp_path / 'tfds'}'", "TRAIN_STEPS = 4", "BATCH_SIZE = 8",
         "sft.train_sft.eval_data = None"])
-    assert summary["steps"] == 4 and summary["tokens_seen"] == 4 * 8 * 256
+    assert summary["steps"] == 4 and summary["tokens_seen"] == 4 * 8 * 512
     prepared = list((tmp_path / "tfds" / "xwin_sft").glob("synthetic_*/1.0.0"))
     assert len(prepared) == 1
 

@@ -58,6 +58,12 @@ def test_samples_are_scored_best_is_chosen_and_a_killed_run_resumes(tmp_path):
     # The selection is made again from the saved samples: a new threshold applies to them.
     with pytest.raises(ValueError, match="above the threshold"):
         sample(tmp_path, tmp_path / "a", threshold=1e9)
+    # Resuming with other sampling settings would mix two distributions: refused.
+    with pytest.raises(ValueError, match="num_samples"):
+        rejection.rejection_sample(
+            str(tmp_path / "a"), str(tmp_path / "prompts.jsonl"), str(tmp_path / "policy"),
+            str(tmp_path / "rm"), CFG, num_samples=5, batch_size=4, max_new_tokens=12,
+            max_prompt_len=128)
     # Killed after two prompts (and half a line): the rerun completes the same file.
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / rejection.SAMPLES_FILE).write_text("\n".join(lines[:2]) + "\n"

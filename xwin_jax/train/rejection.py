@@ -38,6 +38,7 @@ from xwin_jax.train.sharded import put_global
 
 SAMPLES_FILE = "samples.jsonl"
 BEST_FILE = "best_of_n.jsonl"
+SETTINGS_FILE = "sampling.json"
 
 
 def best_index(scores: np.ndarray, finished: np.ndarray, threshold: float | None) -> int | None:
@@ -48,6 +49,22 @@ def best_index(scores: np.ndarray, finished: np.ndarray, threshold: float | None
     if not np.isfinite(eligible[best]) or (threshold is not None and eligible[best] < threshold):
         return None
     return best
+
+
+def _check_sampling_settings(stage_dir: str, settings: dict) -> None:
+    """Records what samples.jsonl is drawn with; a resumed run with other settings would mix
+    two distributions in one file, so it stops and names the difference."""
+    path = os.path.join(stage_dir, SETTINGS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            raise ValueError(f"{os.path.join(stage_dir, SAMPLES_FILE)} was sampled with other "
+                             f"settings {changed} (before, now); move it away to start over")
+        return
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=2)
 
 
 def _placed(directory: str, partitioner: Partitioner, logical_axes: Any, shapes: Any,
@@ -104,6 +121,11 @@ def rejection_sample(stage_dir: str, prompts_path: str, policy_dir: str, reward_
     vocab = get_vocabulary(vocabulary)
     prompts = formats.read_prompts(prompts_path).records[:max_prompts]
     samples_path = os.path.join(stage_dir, SAMPLES_FILE)
+    _check_sampling_settings(stage_dir, {
+        "prompts_path": os.path.abspath(prompts_path), "policy_dir": os.path.abspath(policy_dir),
+        "reward_dir": os.path.abspath(reward_dir), "num_samples": num_samples,
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+        "top_p": top_p, "max_prompt_len": max_prompt_len, "system": system, "seed": seed})
     done = read_done(samples_path)
     pending = [i for i in range(len(prompts)) if i not in done]
     runtime = model.runtime_fields()

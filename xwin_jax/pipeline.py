@@ -45,7 +45,7 @@ from xwin_jax.models.llama import Llama, init_params
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.report import write_report
 from xwin_jax.train import dpo, ppo, rejection, reward, sft
-from xwin_jax.train.loop import SUMMARY_FILE
+from xwin_jax.train.loop import finished_summary, write_summary
 
 BYTE_OFFSET = 3  # ids 0-2 are pad, BOS, EOS; byte b is id b + 3
 POLICIES = ("sft", "rejection", "ppo", "dpo")
@@ -79,8 +79,13 @@ def model_stage(stage_dir: str, model: LlamaConfig, seed: int, prompt: str,
             "greedy_token_ids": generated}
 
 
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def _write_subset(source: str, path: str, count: int | None) -> str:
-    records = [json.loads(line) for line in open(source, encoding="utf-8")]
+    records = _read_jsonl(source)
     formats.write_jsonl(path, records[:count] if count else records)
     return path
 
@@ -90,8 +95,7 @@ def data_stage(stage_dir: str, seed: int, num_prompts: int, annotate_prompts: in
     paths = synthetic.write_suite(os.path.join(stage_dir, "suite"), seed, num_prompts)
     # Held-out prompts: the test and valid splits (no policy or RM trains on either).
     held_out = os.path.join(stage_dir, "held_out_prompts.jsonl")
-    records = [json.loads(line) for name in ("prompts_test", "prompts_valid")
-               for line in open(paths[name], encoding="utf-8")]
+    records = _read_jsonl(paths["prompts_test"]) + _read_jsonl(paths["prompts_valid"])
     formats.write_jsonl(held_out, records[:eval_prompts])
     paths.update(
         held_out=held_out,
@@ -138,7 +142,8 @@ def eval_stage(stage_dir: str, name: str, policy_dir: str, sft_eval_dir: str | N
     row = pairwise.evaluate_job(os.path.join(outputs_dir, ALPACA_EVAL_FILE), reference,
                                 os.path.join(stage_dir, "vs_sft"), judge, name=name, seed=seed,
                                 reward_dir=reward_dir, reward_seq_len=reward_seq_len)
-    annotations = json.load(open(os.path.join(stage_dir, "vs_sft", pairwise.ANNOTATIONS_FILE)))
+    with open(os.path.join(stage_dir, "vs_sft", pairwise.ANNOTATIONS_FILE)) as f:
+        annotations = json.load(f)
     return {"policy": name, "policy_dir": policy_dir,
             "judge_score": judge_score(judge, outputs, annotations, "model"),
             "task_accuracy": task_accuracy(outputs),
@@ -154,19 +159,15 @@ def eval_stage(stage_dir: str, name: str, policy_dir: str, sft_eval_dir: str | N
 def _run_stage(workdir: str, name: str, stage: Callable[[str], dict]) -> dict:
     """Runs a stage that does not keep its own summary, unless it already finished."""
     stage_dir = os.path.join(workdir, name)
-    summary_path = os.path.join(stage_dir, SUMMARY_FILE)
-    if os.path.exists(summary_path):
-        print(f"[{name}] already done ({summary_path}); skipping")
-        with open(summary_path) as f:
-            return json.load(f)
+    done = finished_summary(stage_dir, name)
+    if done is not None:
+        return done
     os.makedirs(stage_dir, exist_ok=True)
     start = time.perf_counter()
     summary = stage(stage_dir)
     summary["wall_time_s"] = round(time.perf_counter() - start, 2)
-    with open(summary_path + ".partial", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(summary_path + ".partial", summary_path)
-    print(f"[{name}] done in {summary['wall_time_s']} s → {summary_path}")
+    path = write_summary(stage_dir, summary)
+    print(f"[{name}] done in {summary['wall_time_s']} s → {path}")
     return summary
 
 

@@ -39,7 +39,7 @@ def table(results: dict) -> str:
     sft_in_comparisons = [results[f"eval/{n}"].get("sft_judge_score_in_comparison")
                           for n in ("rejection", "ppo", "dpo") if f"eval/{n}" in results]
     sft_in_comparisons = [v for v in sft_in_comparisons if v is not None]
-    for name in ("sft", "reward", "rejection", "ppo", "dpo"):
+    for name in TRAINING_STAGES:
         train = results.get(name, {})
         row = results.get(f"eval/{name}")
         if name == "sft" and row and row["judge_score"] is None and sft_in_comparisons:

@@ -31,7 +31,7 @@ import optax
 
 from xwin_jax import rl, sampling
 from xwin_jax.checkpoints.manager import abstract_like
-from xwin_jax.checkpoints.params import load_params, save_params
+from xwin_jax.checkpoints.params import load_config, load_head, load_params, save_params
 from xwin_jax.models import heads
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.partitioning import Partitioner
@@ -147,7 +147,6 @@ def _load_trainable(directory: str, head: str, setup: ShardedTraining, seed: int
     model an RM (or an LM trunk with a fresh head)."""
     cfg, params = load_params(directory, scan_layers=setup.model.scan_layers, to_host=True)
     if head == "score":
-        from xwin_jax.checkpoints.params import load_head
         if load_head(directory) != "score":
             params = heads.reward_params_from_trunk(params, cfg, jax.random.key(seed))
     return params
@@ -183,7 +182,6 @@ def train_ppo(workdir: str, model: LlamaConfig, train_steps: int, prompts: Any, 
     partitioner = partitioner or Partitioner()
     value_dir = value_dir or reward_dir
     reference_dir = reference_dir or policy_dir
-    from xwin_jax.checkpoints.params import load_config
     runtime = model.runtime_fields()
     policy_cfg = load_config(policy_dir).replace(**runtime)
     value_cfg = load_config(value_dir).replace(**runtime)

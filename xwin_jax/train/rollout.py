@@ -21,6 +21,7 @@ from xwin_jax.models import heads
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.llama import Llama, positions_from_mask
 from xwin_jax.sampling import Generation
+from xwin_jax.train.reward import STATS_FILE
 
 
 def assemble(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, generation: Generation
@@ -68,7 +69,6 @@ def reward_scores(cfg: LlamaConfig, params: Any, tokens: jax.Array, mask: jax.Ar
 
 def load_reward_stats(reward_dir: str) -> dict[str, float]:
     """The mean/std train_reward stored next to its export (identity when absent)."""
-    from xwin_jax.train.reward import STATS_FILE
     path = os.path.join(reward_dir, STATS_FILE)
     if not os.path.exists(path):
         print(f"[rollout] no {path}: rewards are used unnormalised")

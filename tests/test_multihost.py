@@ -1,12 +1,16 @@
 """Two processes (jax.distributed on 127.0.0.1, gloo collectives) train like one process."""
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
+import pytest
 
 from xwin_jax.checkpoints.params import load_params
 
@@ -20,10 +24,14 @@ def free_port():
 
 
 def sft_command(workdir, extra=()):
-    return [sys.executable, "-m", "xwin_jax.launch", "--gin_file=gin/experiments/tiny_sft.gin",
+    """Tiny SFT on the synthetic suite read through seqio from prepared TFDS files, in two
+    data shards (one per host, or both on one host)."""
+    return [sys.executable, "-m", "xwin_jax.launch",
+            "--gin_file=gin/experiments/tiny_sft_seqio.gin",
             f"--gin.WORKDIR='{workdir}'", f"--gin.DATA_DIR='{workdir.parent / 'data'}'",
-            "--gin.TRAIN_STEPS=6", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=256",
-            "--gin.sft.train_sft.learning_rate=1e-3", "--gin.sft.train_sft.checkpoint_every=3",
+            f"--gin.TFDS_DIR='{workdir.parent / 'tfds'}'", "--gin.TRAIN_STEPS=30",
+            "--gin.BATCH_SIZE=4", "--gin.tasks.SeqioSftData.num_shards=2",
+            "--gin.sft.train_sft.learning_rate=1e-3", "--gin.sft.train_sft.checkpoint_every=5",
             "--gin.sft.train_sft.eval_every=0", *extra]
 
 
@@ -33,31 +41,61 @@ def env_with_devices(count):
     return env
 
 
-def run_two_processes(workdir, extra=()):
+def start_two_processes(workdir, extra=()):
     port = free_port()
-    workers = [subprocess.Popen(
+    return [subprocess.Popen(
         sft_command(workdir, ["--multihost", f"--coordinator_address=127.0.0.1:{port}",
                               "--num_processes=2", f"--process_id={i}", *extra]),
         cwd=REPO, env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True) for i in range(2)]
+
+
+def run_two_processes(workdir, extra=()):
+    workers = start_two_processes(workdir, extra)
     return workers, [w.communicate(timeout=600)[0] for w in workers]
 
 
-def test_two_processes_match_one(tmp_path):
-    workers, outputs = run_two_processes(tmp_path / "multi")
+def saved_steps(checkpoints):
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) \
+        if checkpoints.exists() else []
+
+
+def test_two_processes_preempted_and_resumed_match_one_process(tmp_path):
+    """Each host packs its own seqio shard; SIGTERM to one host makes both save the same
+    step and exit; the rerun resumes there, and the result equals one uninterrupted process
+    reading both shards."""
+    multi = tmp_path / "multi"
+    workers = start_two_processes(multi)
+    deadline = time.time() + 300
+    while time.time() < deadline and not saved_steps(multi / "sft" / "checkpoints") \
+            and all(w.poll() is None for w in workers):
+        time.sleep(0.02)
+    workers[1].send_signal(signal.SIGTERM)
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 143, output[-4000:]
+    assert any("preempted: SIGTERM at step" in o for o in outputs), outputs[1][-3000:]
+    stopped = saved_steps(multi / "sft" / "checkpoints")[-1]
+    assert 5 <= stopped < 30 and not (multi / "sft" / "summary.json").exists()
+
+    workers, outputs = run_two_processes(multi)
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output[-4000:]
+    assert f"resumed from step {stopped}" in outputs[0]
 
     single = subprocess.run(sft_command(tmp_path / "single"), cwd=REPO, env=env_with_devices(2),
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-4000:]
 
-    _, multi_params = load_params(str(tmp_path / "multi" / "sft" / "final"))
+    _, multi_params = load_params(str(multi / "sft" / "final"))
     _, single_params = load_params(str(tmp_path / "single" / "sft" / "final"))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                  multi_params, single_params)
-    checkpoints = sorted(os.listdir(tmp_path / "multi" / "sft" / "checkpoints"))
-    assert checkpoints == ["3", "6"]
+    summaries = [json.load(open(d / "sft" / "summary.json")) for d in (multi, tmp_path / "single")]
+    assert summaries[0]["resumed_from_step"] == stopped
+    assert summaries[0]["tokens_seen"] == summaries[1]["tokens_seen"] > 0
+    assert summaries[0]["final_train_loss"] == pytest.approx(summaries[1]["final_train_loss"],
+                                                              abs=1e-5)
 
 
 def test_a_mesh_that_does_not_split_the_batch_over_hosts_is_refused(tmp_path):

@@ -48,6 +48,27 @@ def test_packed_batches_resume_at_the_same_step(suite):
     assert 0 < weights.sum() < weights.size and expected[0]["segment_ids"].max() >= 1
 
 
+def test_data_shards_fill_their_own_rows_of_the_global_batch(suite):
+    """num_shards=2 on one host lays out rows as two hosts with one shard each would: the
+    first half of every batch from shard 0's examples, the second half from shard 1's."""
+    tasks.register_sft_task("t_sft_shards", {"train": [suite["sft_train"]]}, max_len=257)
+    data = tasks.SeqioSftData("t_sft_shards", seq_len=256, batch_size=4, seed=2, num_shards=2)
+    assert list(data.host_shards()) == [0, 1]
+    batch = next(data.batches(0))
+    shard_examples = [set(examples("t_sft_shards", seqio.ShardInfo(i, 2))) for i in range(2)]
+
+    def first_example(row):
+        segment = batch["segment_ids"][row] == 1
+        inputs, targets = batch["input_tokens"][row][segment], batch["target_tokens"][row][segment]
+        return tuple(np.concatenate([inputs, targets[-1:]]))
+
+    for row, shard in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        assert first_example(row) in shard_examples[shard]
+        assert first_example(row) not in shard_examples[1 - shard]
+    with pytest.raises(ValueError, match="batch_size=3 does not split into 2 data shards"):
+        tasks.SeqioSftData("t_sft_shards", seq_len=256, batch_size=3, num_shards=2).host_shards()
+
+
 def test_mixture_rates(tmp_path):
     def write(name, answer, count):
         path = tmp_path / f"{name}.jsonl"

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from xwin_jax import hosts
 from xwin_jax.data import formats
 
 WORDS = ("apple", "river", "planet", "garden", "silver", "window", "tiger", "candle",
@@ -270,9 +271,14 @@ def suite_file(name: str, out_dir: str, seed: int = 0, num_prompts: int = 3000,
     """The path of one suite file (e.g. 'sft_train'), writing the suite first if it is not
     there yet: what gin files bind data paths to for the offline default."""
     marker = os.path.join(out_dir, f"suite-v4-{seed}-{num_prompts}-{wrong_rate}-{verbose_rate}.done")
-    if not os.path.exists(marker):
-        write_suite(out_dir, seed, num_prompts, wrong_rate=wrong_rate, verbose_rate=verbose_rate)
-        open(marker, "w").close()
+
+    def write_once():
+        if not os.path.exists(marker):
+            write_suite(out_dir, seed, num_prompts, wrong_rate=wrong_rate,
+                        verbose_rate=verbose_rate)
+            open(marker, "w").close()
+
+    hosts.leader_first(f"synthetic suite {marker}", write_once)
     path = os.path.join(out_dir, f"{name}.jsonl")
     if not os.path.exists(path):
         raise ValueError(f"the synthetic suite has no file {name!r} (in {out_dir})")

@@ -185,33 +185,55 @@ def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]],
 
 @dataclasses.dataclass
 class SeqioSftData(GlobalBatches):
-    """Packed SFT batches from a seqio task or mixture. Every host packs its own shard into
-    its rows of the global batch; batch k is a pure function of (task, seed, k)."""
+    """Packed SFT batches from a seqio task or mixture, read as `num_shards` data shards.
+
+    Shard s packs its own examples into rows [s*R, (s+1)*R) of every global batch
+    (R = batch_size / num_shards); each host reads the contiguous shards whose rows it feeds.
+    With num_shards fixed, batch k is a pure function of (task, seed, num_shards, k) on any
+    number of hosts: two hosts reading one shard each and one host reading both build the
+    same global batches, so a run can resume on a different host count. None = one shard
+    per host (no host ever reads another's examples).
+    """
     task: str
     seq_len: int
     batch_size: int
     split: str = "train"
     seed: int = 0
     vocabulary: str = "bytes"  # the task's vocabulary: for pad_id and the model's vocab check
+    num_shards: int | None = None
 
     def __post_init__(self):
         self.vocab = get_vocabulary(self.vocabulary)
-        self._stream = None
+        self._streams = None
         self._next_step = None
 
     def report(self) -> str:
-        return f"seqio {self.task!r} split {self.split!r}, seed {self.seed}"
+        return (f"seqio {self.task!r} split {self.split!r}, seed {self.seed}, "
+                f"{self._shard_count()} data shards")
 
-    def _examples(self):
+    def _shard_count(self) -> int:
+        return self.num_shards or jax.process_count()
+
+    def host_shards(self) -> range:
+        """The data shards this host reads, in the order of its rows."""
+        shards, hosts = self._shard_count(), jax.process_count()
+        if shards % hosts:
+            raise ValueError(f"num_shards={shards} does not split over {hosts} hosts")
+        if self.batch_size % shards:
+            raise ValueError(f"batch_size={self.batch_size} does not split into "
+                             f"{shards} data shards")
+        per_host = shards // hosts
+        return range(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+
+    def _examples(self, shard: int):
         import seqio
         task = seqio.get_mixture_or_task(self.task)
-        shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
         length = {name: self.seq_len + 1 for name in FEATURES}
         # No silent trimming: a cut conversation would lose its </s> and skip the template's
         # truncation policy, which the task applies when registered with max_len.
         dataset = task.get_dataset(length, split=self.split, shuffle=True, seed=self.seed,
-                                   shard_info=shard, num_epochs=None,
-                                   trim_output_features=False)
+                                   shard_info=seqio.ShardInfo(shard, self._shard_count()),
+                                   num_epochs=None, trim_output_features=False)
         for example in dataset.as_numpy_iterator():
             if len(example["ids"]) > self.seq_len + 1:
                 raise ValueError(
@@ -219,10 +241,10 @@ class SeqioSftData(GlobalBatches):
                     f"register or prepare it with max_len <= seq_len + 1 = {self.seq_len + 1}")
             yield example["ids"], example["loss_mask"]
 
-    def _rows(self):
-        """Packed rows of this host's shard, forever, in a fixed order."""
+    def _rows(self, shard: int):
+        """Packed rows of one data shard, forever, in a fixed order."""
         pending, length = [], 0
-        for ids, mask in self._examples():
+        for ids, mask in self._examples(shard):
             pending.append((ids, mask))
             length += len(ids) - 1
             if length >= 8 * self.seq_len:  # pack a few rows' worth at a time
@@ -235,15 +257,15 @@ class SeqioSftData(GlobalBatches):
                 length = sum(len(e[0]) - 1 for e in pending)
 
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
-        count = jax.process_count()
-        if self.batch_size % count:
-            raise ValueError(f"batch_size={self.batch_size} does not split over {count} hosts")
-        if self._stream is None or self._next_step != step:
-            self._stream, self._next_step = self._rows(), 0
-            for _ in range(step * (self.batch_size // count)):  # replay to the resumed step
-                next(self._stream)
+        shards = self.host_shards()
+        per_shard = self.batch_size // self._shard_count()
+        if self._streams is None or self._next_step != step:
+            self._streams = [self._rows(shard) for shard in shards]
+            for stream in self._streams:
+                for _ in range(step * per_shard):  # replay to the resumed step
+                    next(stream)
             self._next_step = step
-        rows = [next(self._stream) for _ in range(self.batch_size // count)]
+        rows = [next(stream) for stream in self._streams for _ in range(per_shard)]
         self._next_step += 1
         return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
+from xwin_jax import hosts
 from xwin_jax.data.tasks import tokenized_examples
 
 VERSION = "1.0.0"
@@ -74,8 +75,8 @@ def prepare_sft(name: str, split_to_paths: Mapping[str, Sequence[str]], data_dir
                            vocabulary=vocabulary, max_len=max_len, system=system,
                            truncation=truncation)
     builder = XwinSft(config=config, data_dir=data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False))
+    hosts.leader_first(f"prepare tfds {data_dir}/{name}", lambda: builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)))
     return builder
 
 

@@ -71,6 +71,20 @@ def test_gradient_accumulation_4x2_equals_batch_8():
     assert int(acc.step) == 1
 
 
+def test_bf16_params_keep_their_dtypes_through_a_step():
+    """Gradients are normalised in their parameter dtype, so bf16 params and AdamW's moments
+    stay bf16 (a changed dtype would recompile step 2 and break checkpoint restore)."""
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+    schedule = train_state.make_schedule(1e-3, 10)
+    optimizer = train_state.make_optimizer(schedule)
+    state = train_state.init_state(params, optimizer)
+    dtypes = [x.dtype for x in jax.tree.leaves(state)]
+    step = jax.jit(sft.make_train_step(sft.sft_loss_fn(CFG), optimizer, schedule))
+    new_state, metrics = step(state, BATCH)
+    assert [x.dtype for x in jax.tree.leaves(new_state)] == dtypes
+    assert jnp.bfloat16 in dtypes and np.isfinite(float(metrics["loss"]))
+
+
 def test_schedule_shape():
     schedule = train_state.make_schedule(1.0, total_steps=110, warmup_steps=10, decay="cosine")
     assert float(schedule(0)) == 0.0

@@ -121,7 +121,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     def step(state, batch):
         _, sums, grads = accumulate_gradients(loss_fn, state.params, batch, num_micro_batches)
         n = jnp.maximum(sums[count], 1.0)
-        grads = jax.tree.map(lambda g: g / n, grads)
+        # Keep each gradient in its parameter dtype: an fp32 count would promote bf16
+        # gradients, and with them AdamW's moments, changing the state's dtypes after step 1.
+        grads = jax.tree.map(lambda g: (g / n).astype(g.dtype), grads)
         metrics = {name[:-len("_sum")]: value / n for name, value in sums.items()
                    if name.endswith("_sum")}
         metrics.update(accuracy=sums["correct"] / n, grad_norm=optax.global_norm(grads),

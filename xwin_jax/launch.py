@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags, logging
 
+from xwin_jax.train.loop import Preempted
+
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
 _GIN_FILES = flags.DEFINE_multi_string(
@@ -159,6 +161,9 @@ def main(argv):
     except GinConfigError as err:
         print(f"gin error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:  # a checkpoint is saved; schedulers read 143 as "terminated"
+        print(f"preempted: {err}", file=sys.stderr)
+        return 143
 
 
 def run_main():

@@ -210,6 +210,15 @@ def already_succeeded(record_path: str, command: list[str]) -> bool:
             and record.get("command", [])[1:] == command[1:])
 
 
+def holds_other_results(record_path: str, workdir: str, command: list[str]) -> bool:
+    """True when the run directory has finished results of a different command: the jobs
+    would skip as "already finished" and the sweep would file old results under new
+    settings."""
+    record = read_json(record_path)
+    return (bool(record) and record.get("command", [])[1:] != command[1:]
+            and bool(find_summaries(workdir)))
+
+
 def write_record(record_path: str, run: Run, command: list[str], returncode: int,
                  seconds: float) -> None:
     os.makedirs(os.path.dirname(record_path), exist_ok=True)
@@ -229,6 +238,11 @@ def run_local(runs: list[Run], commands: list[list[str]], workdirs: list[str]) -
         if already_succeeded(record_path, command):
             print(f"{progress}: already finished, skipped", flush=True)
             skipped += 1
+            continue
+        if holds_other_results(record_path, workdir, command):
+            print(f"{progress}: REFUSED: {workdir} holds results of a different command "
+                  f"(see {RUN_RECORD}); delete it or use a new --name", flush=True)
+            failed.append(run.name)
             continue
         print(progress, flush=True)
         started = time.monotonic()

@@ -25,6 +25,7 @@ every worker sees (a gcsfuse mount or an NFS/Filestore share): all hosts write c
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import re
 import shlex
@@ -132,8 +133,17 @@ def sync_commands(args) -> list[list[str]]:
     ]
 
 
-def setup_remote_command() -> str:
+def local_jax_version() -> str | None:
+    """The jax this checkout is tested with, to pin on the workers (None if not installed)."""
+    try:
+        return importlib.metadata.version("jax")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def setup_remote_command(jax_version: str | None = None) -> str:
     pip = f"{REMOTE_VENV}/bin/pip"
+    jax_tpu = f"'jax[tpu]=={jax_version}'" if jax_version else "'jax[tpu]'"
     return " && ".join([
         # uv fetches a Python that satisfies requires-python whatever the image ships.
         "(command -v uv >/dev/null || python3 -m pip install --user --quiet uv"
@@ -143,7 +153,7 @@ def setup_remote_command() -> str:
         f" || uv venv --seed --python {PYTHON_VERSION} {REMOTE_VENV})",
         f"cd {REMOTE_CODE_DIR}",
         # -f: older jax releases take libtpu from Google's index; newer ones ignore it.
-        f"{pip} install --quiet -r requirements.txt 'jax[tpu]' -f {LIBTPU_FIND_LINKS}",
+        f"{pip} install --quiet -r requirements.txt {jax_tpu} -f {LIBTPU_FIND_LINKS}",
         f"{pip} install --quiet --no-deps -e .",
         f"{REMOTE_VENV}/bin/python -c 'import jax, socket, xwin_jax; "
         "print(socket.gethostname(), \"jax\", jax.__version__, \"ready\")'",
@@ -151,7 +161,7 @@ def setup_remote_command() -> str:
 
 
 def setup_commands(args) -> list[list[str]]:
-    return [ssh(args, setup_remote_command())]
+    return [ssh(args, setup_remote_command(args.jax_version))]
 
 
 def up_commands(args) -> list[list[str]]:
@@ -295,6 +305,9 @@ def gin_passthrough(unknown: list[str]) -> list[str]:
     (--gin_file, --gin_bindings, --gin_search_paths, --gin.NAME=VALUE) and their values."""
     previous_takes_value = False
     for arg in unknown:
+        if arg.startswith("--gin.") and "=" not in arg:
+            raise CommandError(f"{arg!r}: write --gin.NAME=VALUE with '=' (launch reads the "
+                               "shorthand only in that form)")
         if arg.startswith("--gin"):
             previous_takes_value = "=" not in arg
         elif previous_takes_value and not arg.startswith("-"):
@@ -334,9 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     creation_flags(subcommand("create", "create the TPU VM or pod slice"))
     subcommand("sync", "copy this working tree (git ls-files) to ~/xwin_jax on every worker")
-    subcommand("setup", "create ~/xwin_venv and install the requirements and jax[tpu] on "
-                        "every worker (run sync first)")
-    creation_flags(subcommand("up", "create, sync and setup in order"))
+    def setup_flags(sub):
+        sub.add_argument("--jax_version", default=local_jax_version(),
+                         help="pin jax[tpu] to this version (default: the local jax, so the "
+                              "workers run what the tests ran; '' for the newest)")
+
+    setup_flags(subcommand("setup", "create ~/xwin_venv and install the requirements and "
+                                    "jax[tpu] on every worker (run sync first)"))
+    up = subcommand("up", "create, sync and setup in order")
+    creation_flags(up)
+    setup_flags(up)
 
     run = subcommand("run", "start `python -m xwin_jax.launch --multihost ...` on every "
                             "worker under nohup; extra --gin* flags (or anything after --) "
@@ -384,6 +404,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.command == "exec" and passthrough:
         parser.error("exec: put the command after --")
     if args.command == "run":
+        if args.run_name == "latest":
+            parser.error("--run_name=latest: that name is the link to the last run's log; "
+                         "pick another")
         if not RUN_NAME.match(args.run_name):
             parser.error(f"--run_name={args.run_name!r}: use letters, digits and ._=,+- "
                          "(it names the log file)")

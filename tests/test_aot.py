@@ -33,7 +33,6 @@ def test_sft_arguments_shard_eight_ways():
     for plan in (one, eight):
         m = plan["memory"]
         assert m["aliased"] > 0                       # the state is donated
-        assert plan["peak"] == m["arguments"] + m["temporaries"] + m["outputs"] - m["aliased"]
         assert plan["flops_xla"] > 0
     # The model estimate divides over the devices; the per-device XLA counts agree with it to
     # within remat's recomputed forward pass and the small ops the 6N estimate ignores.
@@ -64,7 +63,6 @@ def test_ppo_plan_counts_four_models():
     update = plan["phases"]["update"]
     assert update["resident_outside"] == models["reference"]["params"] + models["reward"][
         "params"]
-    assert update["peak"] == update["memory"]["peak"] + update["resident_outside"]
     assert update["memory"]["arguments"] >= 3 * (models["policy"]["params"]
                                                  + models["value"]["params"])
     assert plan["peak"] == update["peak"] and plan["peak_phase"] == "update"
@@ -74,3 +72,26 @@ def test_ppo_plan_counts_four_models():
 def test_ppo_needs_minibatches_that_shard():
     with pytest.raises(ValueError, match="minibatches"):
         aot.plan_step("ppo", CFG, Partitioner({"fsdp": 8}), batch=8, seq_len=32)
+
+
+def test_reward_and_every_ppo_phase_plan_with_whole_model_flops():
+    partitioner = Partitioner({"fsdp": 8})
+    rm = aot.plan_step("reward", CFG, partitioner, batch=8, seq_len=64, count_flops=True)
+    sft = aot.plan_step("sft", CFG, partitioner, batch=16, seq_len=64, count_flops=True)
+    # Chosen + rejected rows in one pass: the FLOPs of an SFT step on twice the rows, less
+    # the LM head (a scalar head instead).
+    assert 0.5 < rm["flops_xla_unrolled"] / sft["flops_xla_unrolled"] < 1.0
+    ppo = aot.plan_step("ppo", CFG, partitioner, batch=32, seq_len=64, num_minibatches=2,
+                        count_flops=True)
+    phases = ppo["phases"]
+    assert set(phases) == {"rollout", "scoring", "update"}
+    assert ppo["peak"] == max(p["peak"] for p in phases.values())
+    assert ppo["peak_phase"] == max(phases, key=lambda name: phases[name]["peak"])
+    assert "flops_xla_unrolled" in phases["scoring"] and "flops_xla_unrolled" in phases["update"]
+    assert "flops_xla_unrolled" not in phases["rollout"]  # its decode loop counts once
+    # Scoring: four models' forward passes over the B rollout rows (4FB). An update: policy
+    # and value, forward + backward (3x, 4x with full remat) over B/2 rows (3-4 FB).
+    ratio = phases["update"]["flops_xla_unrolled"] / phases["scoring"]["flops_xla_unrolled"]
+    assert 0.5 < ratio < 2.0
+    with pytest.raises(ValueError, match="plan at least one of"):
+        aot.plan_step("ppo", CFG, partitioner, batch=32, seq_len=64, phases=())

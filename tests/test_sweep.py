@@ -213,3 +213,9 @@ def test_local_sweep_of_the_tiny_sft_collect_and_rerun(tmp_path):
     assert "2 runs, 0 finished, 2 skipped, 0 failed" in again.stdout
     assert time.monotonic() - started < 10  # no job was started
     assert summary.stat().st_mtime_ns == mtime
+
+    changed = [arg.replace("TRAIN_STEPS=3", "TRAIN_STEPS=4") for arg in args]
+    refused = sweep_cli(*changed, env=env)
+    assert refused.returncode == 1
+    assert "holds results of a different command" in refused.stdout
+    assert summary.stat().st_mtime_ns == mtime

@@ -82,7 +82,7 @@ def test_sync_packs_copies_to_all_workers_and_swaps():
 
 
 def test_setup_installs_on_all_workers():
-    (cmd,) = dry_run("setup", "my-tpu", *ZONE_PROJECT)
+    (cmd,) = dry_run("setup", "my-tpu", *ZONE_PROJECT, "--jax_version=")
     assert cmd[:7] == SSH_ALL and cmd[8:] == ZONE_PROJECT
     steps = [step.strip() for step in remote_of(cmd).split(" && ")]
     assert "cd $HOME/xwin_jax" in steps
@@ -91,6 +91,14 @@ def test_setup_installs_on_all_workers():
     assert "$HOME/xwin_venv/bin/pip install --quiet --no-deps -e ." in steps
     assert steps.index("cd $HOME/xwin_jax") < steps.index(
         "$HOME/xwin_venv/bin/pip install --quiet --no-deps -e .")
+
+
+def test_setup_pins_jax_to_the_local_version_by_default():
+    (pinned,) = dry_run("setup", "my-tpu", *ZONE_PROJECT, "--jax_version=0.9.1")
+    assert " 'jax[tpu]==0.9.1' -f " in remote_of(pinned)
+    (default,) = dry_run("setup", "my-tpu", *ZONE_PROJECT)
+    from importlib.metadata import version
+    assert f" 'jax[tpu]=={version('jax')}' -f " in remote_of(default)
 
 
 def test_up_is_create_then_sync_then_setup():
@@ -125,6 +133,11 @@ def test_run_argument_errors_are_named():
     assert result.returncode == 2 and "no job arguments" in result.stderr
     result = tool("logs", "t", "--zone=z", "--gin_file=a.gin", "--dry_run")
     assert result.returncode == 2 and "unexpected arguments" in result.stderr
+    result = tool("run", "t", "--zone=z", "--run_name=latest", "--gin_file=a.gin", "--dry_run")
+    assert result.returncode == 2 and "--run_name=latest" in result.stderr
+    result = tool("run", "t", "--zone=z", "--gin_file=a.gin", "--gin.TRAIN_STEPS", "3",
+                  "--dry_run")
+    assert result.returncode == 2 and "'--gin.TRAIN_STEPS': write --gin.NAME=VALUE" in result.stderr
 
 
 def test_logs_stop_exec_delete_exact_commands():

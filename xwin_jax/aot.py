@@ -246,17 +246,8 @@ def plan_ppo(cfg: LlamaConfig, partitioner: Partitioner, batch: int, prompt_len:
             resident_outside=models["reference"]["params"] + models["reward"]["params"])
 
     if "scoring" in phases:
-        # The scoring pass of train_ppo: policy and reference log-probs, values, RM scores.
-        values_of = ppo.values_fn(reward_cfg, prompt_len)
-
-        def score(policy_params, ref_params, value_params, rm, b):
-            return (rollout.response_logprobs(cfg, policy_params, b["tokens"], b["mask"],
-                                              prompt_len, ppo_cfg.temperature),
-                    rollout.response_logprobs(cfg, ref_params, b["tokens"], b["mask"],
-                                              prompt_len, ppo_cfg.temperature)[0],
-                    values_of(value_params, b["tokens"], b["mask"]),
-                    rollout.reward_scores(reward_cfg, rm, b["tokens"], b["mask"]))
-
+        score = ppo.make_score_fn(cfg, reward_cfg, prompt_len, ppo_cfg.temperature,
+                                  ppo.values_fn(reward_cfg, prompt_len))
         score_fn = partitioner.partition(
             score, in_shardings=(policy.param_shardings, policy.param_shardings,
                                  value.param_shardings, rm_shardings,
@@ -279,7 +270,7 @@ def plan_ppo(cfg: LlamaConfig, partitioner: Partitioner, batch: int, prompt_len:
         keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=partitioner.replicated)
         began = time.perf_counter()
         with partitioner.activation_context():
-            compiled = sampling._generate.lower(
+            compiled = sampling.generate_program.lower(
                 policy.abstract_state.params, prompts["tokens"], prompts["mask"], keys, cfg=cfg,
                 max_new_tokens=new_tokens, temperature=ppo_cfg.temperature,
                 top_k=ppo_cfg.top_k, top_p=ppo_cfg.top_p, stop_ids=(2,), pad_id=0).compile()
@@ -293,6 +284,9 @@ def plan_ppo(cfg: LlamaConfig, partitioner: Partitioner, batch: int, prompt_len:
             compiled, seconds, flops, devices,
             resident_outside=resident - models["policy"]["params"])
 
+    if not plan["phases"]:
+        raise ValueError(f"phases={tuple(phases)}: plan at least one of "
+                         f"'rollout', 'scoring', 'update'")
     peak_phase = max(plan["phases"], key=lambda name: plan["phases"][name]["peak"])
     plan.update(peak=plan["phases"][peak_phase]["peak"], peak_phase=peak_phase,
                 memory=plan["phases"][peak_phase]["memory"],
@@ -354,8 +348,8 @@ def plan_step(step: str, cfg: LlamaConfig, partitioner: Partitioner, *, batch: i
         raise ValueError(f"step={step!r}: choose one of {STEPS}")
 
     plan = plan_for(cfg, reward_cfg, logits_chunk, num_micro_batches, phases)
-    if count_flops:
-        counted = [p for p in phases if p != "rollout"]
+    counted = [p for p in phases if p != "rollout"] if step == "ppo" else list(phases)
+    if count_flops and counted:  # a rollout-only PPO plan has nothing to count
         small = [plan_for(cfg.replace(scan_layers=False, num_layers=n),
                           (reward_cfg or cfg).replace(scan_layers=False, num_layers=n),
                           None, 1, tuple(counted)) for n in (1, 2)]

@@ -73,6 +73,7 @@ def bound_partitioner():
             return value, "PARTITIONER"
     except ValueError:
         pass
+    # gin has no public listing of every binding; iterate_references over its config does it.
     for reference in gin.config.iterate_references(gin.config._CONFIG):
         if partitioning.Partitioner in (reference.configurable.wrapped,
                                         reference.configurable.wrapper):
@@ -145,12 +146,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.gin_file:
         raise app.UsageError("--gin_file is required (e.g. --gin_file=gin/mesh/fsdp.gin)")
-    if FLAGS.multihost:
-        import jax
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes,
-                                   process_id=FLAGS.process_id)
+    launch.init_multihost()
     return check(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
 
 

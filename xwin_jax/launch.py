@@ -19,8 +19,6 @@ import sys
 
 from absl import app, flags, logging
 
-from xwin_jax.train.loop import Preempted
-
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
 _GIN_FILES = flags.DEFINE_multi_string(
@@ -144,16 +142,24 @@ def run_gin_job(files: list[str], bindings: list[str],
     return result
 
 
+def init_multihost() -> None:
+    """jax.distributed.initialize from the flags when --multihost is set; call before
+    anything touches a device."""
+    if not _MULTIHOST.value:
+        return
+    import jax
+    # CPU processes (tests, CPU clusters) need a collectives backend; GPU/TPU ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+
+
 def main(argv):
+    from xwin_jax.train.loop import Preempted  # imports jax; --help stays fast without it
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _MULTIHOST.value:
-        import jax
-        # CPU processes (tests, CPU clusters) need a collectives backend; GPU/TPU ignore it.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
+    init_multihost()
     if not _GIN_FILES.value:
         raise app.UsageError("--gin_file is required (e.g. --gin_file=gin/runs/convert.gin)")
     try:

@@ -132,6 +132,10 @@ def _generate(params, prompt_tokens, prompt_mask, row_keys, *, cfg, max_new_toke
     return tokens, logprobs, lengths, finished
 
 
+# The jitted program behind generate(), for lowering ahead of time (aot.py).
+generate_program = _generate
+
+
 def generate(params: Any, cfg: LlamaConfig, prompt_tokens, prompt_mask, key: jax.Array, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (2,), pad_id: int = 0,

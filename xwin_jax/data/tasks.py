@@ -192,7 +192,7 @@ class SeqioSftData(GlobalBatches):
     With num_shards fixed, batch k is a pure function of (task, seed, num_shards, k) on any
     number of hosts: two hosts reading one shard each and one host reading both build the
     same global batches, so a run can resume on a different host count. None = one shard
-    per host (no host ever reads another's examples).
+    per host, which ties the data order to the host count.
     """
     task: str
     seq_len: int
@@ -203,6 +203,9 @@ class SeqioSftData(GlobalBatches):
     num_shards: int | None = None
 
     def __post_init__(self):
+        if self.num_shards is not None and self.num_shards < 1:
+            raise ValueError(f"SeqioSftData.num_shards={self.num_shards}: use a count >= 1, "
+                             f"or None for one shard per host")
         self.vocab = get_vocabulary(self.vocabulary)
         self._streams = None
         self._next_step = None

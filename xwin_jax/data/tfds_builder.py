@@ -74,10 +74,16 @@ def prepare_sft(name: str, split_to_paths: Mapping[str, Sequence[str]], data_dir
                            split_to_paths={k: list(v) for k, v in split_to_paths.items()},
                            vocabulary=vocabulary, max_len=max_len, system=system,
                            truncation=truncation)
-    builder = XwinSft(config=config, data_dir=data_dir)
-    hosts.leader_first(f"prepare tfds {data_dir}/{name}", lambda: builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)))
-    return builder
+
+    def build_and_prepare() -> XwinSft:
+        # Constructed after the files exist, so a builder on a host that only reuses them
+        # still reads their dataset_info (splits, example counts).
+        builder = XwinSft(config=config, data_dir=data_dir)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False))
+        return builder
+
+    return hosts.leader_first(f"prepare tfds {data_dir}/{name}", build_and_prepare)
 
 
 def prepare_sft_name(name: str, split_to_paths: Mapping[str, Sequence[str]], data_dir: str,

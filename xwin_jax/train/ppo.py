@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -92,6 +92,21 @@ def advantages(cfg: PPOConfig, scores: jax.Array, finished: jax.Array, logp: jax
             "kl_k1": per_sequence(rl.kl_penalty(logp, ref_logp, "k1")),
             "kl_k3": per_sequence(rl.kl_penalty(logp, ref_logp, "k3")),
             "non_score_reward": per_sequence(rewards) - jnp.mean(scores)}
+
+
+def make_score_fn(policy_cfg: LlamaConfig, reward_cfg: LlamaConfig, prompt_len: int,
+                  temperature: float, values_of: Callable):
+    """The scoring pass of an iteration: (policy, reference, value, RM params, rollout rows
+    {tokens, mask}) → ((policy log-probs, entropy), reference log-probs, values, RM scores)."""
+    def score(policy, reference, value, reward, rows):
+        tokens, mask = rows["tokens"], rows["mask"]
+        return (rollout.response_logprobs(policy_cfg, policy, tokens, mask, prompt_len,
+                                          temperature),
+                rollout.response_logprobs(policy_cfg, reference, tokens, mask, prompt_len,
+                                          temperature)[0],
+                values_of(value, tokens, mask),
+                rollout.reward_scores(reward_cfg, reward, tokens, mask))
+    return score
 
 
 def make_update_step(policy_cfg: LlamaConfig, value_cfg: LlamaConfig, cfg: PPOConfig,
@@ -222,15 +237,9 @@ def train_ppo(workdir: str, model: LlamaConfig, train_steps: int, prompts: Any, 
 
     batch = partitioner.batch_sharding
     prompt_len = prompts.max_prompt_len
-    values_of = values_fn(value_cfg, prompt_len, stats)
     score_fn = partitioner.partition(
-        lambda policy, ref, value, rm, b: (
-            rollout.response_logprobs(policy_cfg, policy, b["tokens"], b["mask"],
-                                      prompt_len, ppo.temperature),
-            rollout.response_logprobs(policy_cfg, ref, b["tokens"], b["mask"],
-                                      prompt_len, ppo.temperature)[0],
-            values_of(value, b["tokens"], b["mask"]),
-            rollout.reward_scores(reward_cfg, rm, b["tokens"], b["mask"])),
+        make_score_fn(policy_cfg, reward_cfg, prompt_len, ppo.temperature,
+                      values_fn(value_cfg, prompt_len, stats)),
         in_shardings=(policy_setup.param_shardings, policy_setup.param_shardings,
                       value_setup.param_shardings, reward_shardings, batch),
         out_shardings=batch)

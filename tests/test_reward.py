@@ -42,6 +42,22 @@ def test_loss_matches_numpy_bradley_terry_with_margin_and_centering(pairs):
     np.testing.assert_allclose(chosen[2], np.asarray(alone)[0], atol=1e-5)
 
 
+def test_score_responses_equals_the_training_pairs_rewards(pairs):
+    data = PairsData([pairs], seq_len=320, batch_size=5)
+    batch = data.global_batch(0)
+    params = heads.init_reward_params(CFG, jax.random.key(1))
+    chosen, _ = reward.pair_rewards(heads.RewardModel(CFG), params, batch)
+    records = [json.loads(line) for line in open(pairs)]
+    order = np.random.default_rng([0, 0]).permutation(len(records))[:5]  # global_batch(0)'s rows
+    prompts = [records[i]["prompt"] for i in order]
+    responses = [records[i]["chosen"] for i in order]
+    scores = reward.score_responses(CFG, params, prompts, responses, seq_len=320, batch_size=3)
+    np.testing.assert_allclose(scores, np.asarray(chosen), atol=1e-5)
+    normalised = reward.score_responses(CFG, params, prompts, responses, seq_len=320,
+                                        stats={"mean": 1.0, "std": 2.0})
+    np.testing.assert_allclose(normalised, (scores - 1.0) / 2.0, atol=1e-5)
+
+
 def test_pairs_batches_are_deterministic_per_step(pairs):
     data = PairsData([pairs], seq_len=320, batch_size=8, seed=3)
     again = PairsData([pairs], seq_len=320, batch_size=8, seed=3)

@@ -89,6 +89,9 @@ def test_generation_stops_at_eos_and_at_stop_ids():
     eos = sampling.generate(PARAMS, CFG, tokens[:1], mask[:1], jax.random.key(0),
                             max_new_tokens=10, stop_ids=(stop,))
     assert eos.finished[0] and eos.lengths[0] == first_stop + 1
+    # The response of a finished row leaves out its stop token; an unfinished row keeps all.
+    np.testing.assert_array_equal(out.response_ids(0), free.tokens[0, :first_stop])
+    np.testing.assert_array_equal(free.response_ids(1), free.tokens[1])
 
 
 def test_scanned_layout_generates_the_same():

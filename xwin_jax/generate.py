@@ -100,13 +100,13 @@ def generate_job(prompts_path: str, output_dir: str, model: LlamaConfig, *,
                 params, cfg, batch["tokens"], batch["mask"], keys,
                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                 top_p=top_p, stop_ids=(vocab.eos_id,), pad_id=vocab.pad_id)
+            texts = result.texts(vocab)
             for r, index in enumerate(chunk):
                 n = int(result.lengths[r])
-                answer = result.tokens[r, :n - 1 if result.finished[r] else n]
                 new_tokens += n
                 out.write(json.dumps({
                     "index": index, "instruction": prompts[index].text,
-                    "output": vocab.decode(answer).strip(), "generator": generator,
+                    "output": texts[r], "generator": generator,
                     "finished": bool(result.finished[r]), "num_tokens": n,
                     "logprob": float(np.sum(result.logprobs[r, :n]))}, ensure_ascii=False) + "\n")
             out.flush()

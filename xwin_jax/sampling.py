@@ -35,6 +35,15 @@ class Generation:
     lengths: np.ndarray  # [B] new tokens up to and including the stop token
     finished: np.ndarray  # [B] True where a stop token was produced
 
+    def response_ids(self, row: int) -> np.ndarray:
+        """Row's new tokens without its stop token."""
+        n = int(self.lengths[row])
+        return self.tokens[row, :n - 1 if self.finished[row] else n]
+
+    def texts(self, vocab) -> list[str]:
+        """Every row's response, decoded and stripped (the stop token left out)."""
+        return [vocab.decode(self.response_ids(r)).strip() for r in range(len(self.lengths))]
+
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Logits [B, V] with everything outside the top-k, then the nucleus (the smallest set of

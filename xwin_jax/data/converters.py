@@ -71,6 +71,18 @@ def pairs_batch(pairs: Sequence[PreferencePair], vocab, seq_len: int,
     return out
 
 
+def responses_batch(prompts: Sequence[Conversation], responses: Sequence[str], vocab,
+                    seq_len: int, system: str | None = None) -> dict[str, np.ndarray]:
+    """tokens [B, seq_len] (prompt + response + </s>, right-padded, tokenized exactly as a
+    preference pair's side) and mask [B, seq_len]: what a reward model scores."""
+    rows = [_response_tokens(p, r, vocab, seq_len, system)[0]
+            for p, r in zip(prompts, responses, strict=True)]
+    tokens = _right_pad(rows, seq_len, vocab.pad_id, np.int32)
+    lengths = np.array([len(r) for r in rows])
+    return {"tokens": tokens,
+            "mask": (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int32)}
+
+
 def prompt_ids(prompt: Conversation, vocab, max_len: int, system: str | None = None
                ) -> list[int]:
     """A generation prompt's ids; longer than max_len, it keeps BOS and its last max_len - 1

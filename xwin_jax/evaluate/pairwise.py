@@ -101,33 +101,18 @@ def reward_model_scores(reward_dir: str, matched: Sequence[tuple[dict, dict]],
                         vocabulary: str = "bytes", seq_len: int = 1024, batch_size: int = 16
                         ) -> dict:
     """The RM's normalised reward of both sides and its win rate for the model."""
-    import jax
-
     from xwin_jax.checkpoints.params import load_params
-    from xwin_jax.data import converters, formats
-    from xwin_jax.data.vocabulary import get_vocabulary
-    from xwin_jax.models import heads
-    from xwin_jax.train.reward import pair_rewards
+    from xwin_jax.train.reward import score_responses
     from xwin_jax.train.rollout import load_reward_stats
 
     cfg, params = load_params(reward_dir, to_host=True)
-    stats = load_reward_stats(reward_dir)
-    vocab = get_vocabulary(vocabulary)
-    score = jax.jit(lambda p, b: pair_rewards(heads.RewardModel(cfg), p, b))
-    pairs = [formats.PreferencePair(formats.Conversation(
-        (formats.Message(formats.USER, m["instruction"]),)), m["output"], r["output"])
-        for m, r in matched]
-    model_rewards, reference_rewards = [], []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        chosen, rejected = jax.device_get(score(params, converters.pairs_batch(
-            chunk, vocab, seq_len)))
-        count = min(batch_size, len(pairs) - start)
-        model_rewards += list(chosen[:count])
-        reference_rewards += list(rejected[:count])
-    normalise = lambda x: (np.asarray(x) - stats["mean"]) / stats["std"]  # noqa: E731
-    model_rewards, reference_rewards = normalise(model_rewards), normalise(reference_rewards)
+    settings = dict(vocabulary=vocabulary, seq_len=seq_len, batch_size=batch_size,
+                    stats=load_reward_stats(reward_dir))
+    instructions = [m["instruction"] for m, _ in matched]
+    model_rewards = score_responses(cfg, params, instructions, [m["output"] for m, _ in matched],
+                                    **settings)
+    reference_rewards = score_responses(cfg, params, instructions,
+                                        [r["output"] for _, r in matched], **settings)
     wins = np.where(model_rewards > reference_rewards, 1.0,
                     np.where(model_rewards < reference_rewards, 0.0, 0.5))
     return {"rm_mean_reward": float(model_rewards.mean()),

@@ -91,12 +91,11 @@ def sample_and_score(params: Any, cfg: LlamaConfig, score_fn: Callable, ids: lis
                                        **sampling_kwargs)
         assembled = rollout.assemble(batch["tokens"], batch["mask"], generation)
         scores = np.asarray(score_fn(assembled["tokens"], assembled["mask"]))
+        texts = generation.texts(vocab)
         for r in range(len(chunk)):
-            n = int(generation.lengths[r])
-            finished = bool(generation.finished[r])
-            text = vocab.decode(generation.tokens[r, :n - 1 if finished else n]).strip()
-            results.append({"text": text, "score": float(scores[r]), "finished": finished,
-                            "num_tokens": n})
+            results.append({"text": texts[r], "score": float(scores[r]),
+                            "finished": bool(generation.finished[r]),
+                            "num_tokens": int(generation.lengths[r])})
     return results
 
 

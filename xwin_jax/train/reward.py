@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,8 @@ import numpy as np
 
 from xwin_jax.checkpoints import hf
 from xwin_jax.checkpoints.params import load_head, load_params, save_params
+from xwin_jax.data import converters, formats
+from xwin_jax.data.vocabulary import get_vocabulary
 from xwin_jax.models import heads
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.partitioning import Partitioner
@@ -79,6 +81,31 @@ def evaluate_pairs(score_fn, partitioner: Partitioner, data, num_batches: int) -
         if inside.any():
             metrics[f"accuracy_gap_{low}_{high}"] = float(correct[inside].mean())
     return metrics
+
+
+def score_responses(cfg: LlamaConfig, params: Any, prompts: Sequence[str],
+                    responses: Sequence[str], *, vocabulary: str = "bytes", seq_len: int = 1024,
+                    batch_size: int = 16, system: str | None = None,
+                    stats: dict | None = None) -> np.ndarray:
+    """The reward of each (prompt, response) [N], tokenized as in the training pairs (one user
+    turn, the response, </s>); normalised with stats' mean and std when given (PPO's units).
+    Fixed [batch_size, seq_len] batches, so any N compiles once."""
+    vocab = get_vocabulary(vocabulary)
+    model = heads.RewardModel(cfg)
+    score = jax.jit(lambda p, tokens, mask: model.apply({"params": p}, tokens, mask))
+    conversations = [formats.Conversation((formats.Message(formats.USER, p),)) for p in prompts]
+    rewards = []
+    for start in range(0, len(conversations), batch_size):
+        rows = list(range(start, min(start + batch_size, len(conversations))))
+        padded = rows + [rows[-1]] * (batch_size - len(rows))
+        batch = converters.responses_batch([conversations[i] for i in padded],
+                                           [responses[i] for i in padded], vocab, seq_len,
+                                           system)
+        rewards.append(np.asarray(score(params, batch["tokens"], batch["mask"]))[:len(rows)])
+    rewards = np.concatenate(rewards) if rewards else np.zeros((0,), np.float32)
+    if stats is not None:
+        rewards = (rewards - stats["mean"]) / stats["std"]
+    return rewards
 
 
 def initial_params(cfg: LlamaConfig, init_hf_dir: str | None, init_params_dir: str | None,

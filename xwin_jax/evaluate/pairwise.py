@@ -109,10 +109,11 @@ def reward_model_scores(reward_dir: str, matched: Sequence[tuple[dict, dict]],
     settings = dict(vocabulary=vocabulary, seq_len=seq_len, batch_size=batch_size,
                     stats=load_reward_stats(reward_dir))
     instructions = [m["instruction"] for m, _ in matched]
-    model_rewards = score_responses(cfg, params, instructions, [m["output"] for m, _ in matched],
-                                    **settings)
-    reference_rewards = score_responses(cfg, params, instructions,
-                                        [r["output"] for _, r in matched], **settings)
+    # Both sides in one call: one compilation of the scoring function.
+    rewards = score_responses(cfg, params, instructions * 2,
+                              [m["output"] for m, _ in matched]
+                              + [r["output"] for _, r in matched], **settings)
+    model_rewards, reference_rewards = np.split(rewards, 2)
     wins = np.where(model_rewards > reference_rewards, 1.0,
                     np.where(model_rewards < reference_rewards, 0.0, 0.5))
     return {"rm_mean_reward": float(model_rewards.mean()),

@@ -25,7 +25,8 @@ sweep.md: one row per run with its grid values and every scalar summary field (n
 flattened with dots, lists left out; prefixed with the stage directory, e.g. `sft/`, when the
 runs hold more than one summary each).
 
-Stdlib only: it does not import xwin_jax or JAX.
+Stdlib only: from the project it takes only xwin_jax/redaction.py (stdlib only too), so a
+command's credentials are never printed or recorded.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
+from xwin_jax.redaction import redact_args  # noqa: E402
 from sweep_table import (RUN_RECORD, SweepError, collect, find_summaries, read_json,
                          value_label)
 
@@ -184,7 +187,7 @@ def already_succeeded(record_path: str, command: list[str]) -> bool:
     # The interpreter path is left out: the same job from another venv is the same run.
     record = read_json(record_path)
     return (bool(record) and record.get("returncode") == 0
-            and record.get("command", [])[1:] == command[1:])
+            and record.get("command", [])[1:] == redact_args(command)[1:])
 
 
 def holds_other_results(record_path: str, workdir: str, command: list[str]) -> bool:
@@ -192,7 +195,7 @@ def holds_other_results(record_path: str, workdir: str, command: list[str]) -> b
     would skip as "already finished" and the sweep would file old results under new
     settings."""
     record = read_json(record_path)
-    return (bool(record) and record.get("command", [])[1:] != command[1:]
+    return (bool(record) and record.get("command", [])[1:] != redact_args(command)[1:]
             and bool(find_summaries(workdir)))
 
 
@@ -200,7 +203,7 @@ def write_record(record_path: str, run: Run, command: list[str], returncode: int
                  seconds: float) -> None:
     os.makedirs(os.path.dirname(record_path), exist_ok=True)
     record = {"run": run.name, "index": run.index, "grid": run.grid,
-              "bindings": dict(run.bindings), "command": command,
+              "bindings": dict(run.bindings), "command": redact_args(command),
               "returncode": returncode, "seconds": round(seconds, 1)}
     with open(record_path + ".partial", "w") as f:
         json.dump(record, f, indent=2, default=repr)
@@ -239,7 +242,8 @@ def run_commands_in_order(commands: list[list[str]]) -> int:
     for command in commands:
         returncode = subprocess.run(command).returncode
         if returncode != 0:
-            print(f"sweep: failed (exit {returncode}): {shlex.join(command)}", flush=True)
+            print(f"sweep: failed (exit {returncode}): {shlex.join(redact_args(command))}",
+                  flush=True)
             failed += 1
     return 1 if failed else 0
 
@@ -332,7 +336,7 @@ def main_sweep(argv: list[str]) -> int:
 
     if args.mode == "print" or args.dry_run:
         for command in commands:
-            print(shlex.join(command))
+            print(shlex.join(redact_args(command)))
         return 0
     if args.mode == "tpu":
         return run_commands_in_order(commands)

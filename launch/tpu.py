@@ -13,8 +13,9 @@ Subcommands: create, sync, setup, up (= create, sync, setup), run, logs, stop, e
 and pack (the tarball `sync` ships). Every one takes --dry_run: it prints the commands it
 would run, one per line and shell-quoted, so they can be pasted into a shell, and runs none.
 
-Stdlib only and no xwin_jax import, so it runs on a laptop that has neither JAX nor the
-project installed. Command building is pure (`<subcommand>_commands(args) -> list[argv]`);
+Stdlib only, so it runs on a laptop that has neither JAX nor the project installed; from the
+project it takes only xwin_jax/redaction.py (stdlib only too), by path, so that no command it
+prints shows a credential. Command building is pure (`<subcommand>_commands(args) -> list[argv]`);
 only `execute` touches the outside world.
 
 On every worker: the code lives in ~/xwin_jax, the venv in ~/xwin_venv, logs in
@@ -37,6 +38,8 @@ import tempfile
 
 THIS_FILE = os.path.abspath(__file__)
 REPO_ROOT = os.path.dirname(os.path.dirname(THIS_FILE))
+sys.path.insert(0, REPO_ROOT)
+from xwin_jax.redaction import redact_args  # noqa: E402
 
 # Remote paths are written with $HOME (expanded by the worker's shell), never quoted.
 REMOTE_CODE_DIR = "$HOME/xwin_jax"
@@ -269,7 +272,7 @@ def execute(commands: list[list[str]], dry_run: bool) -> int:
     first failure. Returns the exit status."""
     if dry_run:
         for cmd in commands:
-            print(shlex.join(cmd))
+            print(shlex.join(redact_args(cmd)))
         return 0
     if any(cmd[0] == "gcloud" for cmd in commands) and shutil.which("gcloud") is None:
         raise CommandError(
@@ -277,10 +280,11 @@ def execute(commands: list[list[str]], dry_run: bool) -> int:
             "(https://cloud.google.com/sdk/docs/install), run `gcloud auth login`, "
             "or add --dry_run to print the commands instead")
     for cmd in commands:
-        print(f"+ {shlex.join(cmd)}", file=sys.stderr, flush=True)
+        print(f"+ {shlex.join(redact_args(cmd))}", file=sys.stderr, flush=True)
         returncode = subprocess.run(cmd).returncode
         if returncode != 0:
-            print(f"tpu.py: command failed (exit {returncode}): {shlex.join(cmd[:6])} ...",
+            print(f"tpu.py: command failed (exit {returncode}): "
+                  f"{shlex.join(redact_args(cmd[:6]))} ...",
                   file=sys.stderr)
             return returncode
     return 0

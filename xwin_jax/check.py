@@ -19,11 +19,10 @@ import sys
 
 from absl import app, flags
 
-from xwin_jax import launch
+from xwin_jax import launch, redaction
 
 FLAGS = flags.FLAGS
 MAX_DEVICE_LINES = 16
-_REQUIRED = "set to `%gin.REQUIRED` but not subsequently overridden"
 
 
 def _gib(n) -> str:
@@ -120,14 +119,11 @@ def check(files: list[str], bindings: list[str], search_paths: list[str]) -> int
     try:
         launch.parse_gin(files, bindings, search_paths)
         unset = None
+    except launch.RequiredMacroError as err:  # fine here: a check runs no job
+        unset = err.name
     except launch.GinConfigError as err:
-        print(f"gin error: {err}", file=sys.stderr)
+        print(launch.describe_error(err), file=sys.stderr)
         return 2
-    except ValueError as err:  # gin.finalize: only unset REQUIRED macros are fine here
-        if _REQUIRED not in str(err):
-            print(f"gin error: {', '.join(files)}: {err}", file=sys.stderr)
-            return 2
-        unset = str(err).split(" ")[0].split("/")[0]
     for line in describe_devices():
         print(line)
     print(f"gin: {', '.join(files)}" + (f" (+{len(bindings)} binding(s))" if bindings else ""))
@@ -151,6 +147,7 @@ def main(argv):
 
 
 def run_main():
+    redaction.redact_process_output()
     argv = launch.rewrite_gin_args(sys.argv)
     if not any(arg.startswith(("--verbosity", "-v")) for arg in argv[1:]):
         argv.append("--verbosity=-1")

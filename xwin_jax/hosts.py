@@ -7,10 +7,12 @@ from typing import Callable, TypeVar
 import jax
 import numpy as np
 
+from xwin_jax.errors import UserError
+
 T = TypeVar("T")
 
 
-class LeaderFailed(RuntimeError):
+class LeaderFailed(UserError, RuntimeError):
     """Process 0's part of a leader-first step failed; its own log has the cause."""
 
 

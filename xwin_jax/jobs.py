@@ -15,13 +15,15 @@ import os
 from typing import Any, Callable
 
 
-def run(job: Callable[[], Any], output_dir: str,
+def run(job: Callable[[], Any], output_dir: str | None,
         on_start: Callable[[str], None] | None = None) -> Any:
     """Creates `output_dir`, calls `on_start(output_dir)` (launch writes the gin config there),
-    then runs the job and returns what it returns."""
-    os.makedirs(output_dir, exist_ok=True)
-    if on_start is not None:
-        on_start(output_dir)
+    then runs the job and returns what it returns. A job that writes nothing (the server)
+    binds output_dir = None: no directory is made and no config is written."""
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        if on_start is not None:
+            on_start(output_dir)
     return job()
 
 

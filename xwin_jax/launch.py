@@ -16,8 +16,12 @@ import logging as py_logging
 import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
+
+from xwin_jax import redaction
+from xwin_jax.errors import UserError
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
@@ -34,15 +38,27 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-_BINDING = re.compile(r"^\s*[\w./%]+\s*=")
-# A binding whose parameter (the last name component) is a credential.
-_SECRET_BINDING = re.compile(
-    r"^(\s*(?:[\w./]*[./])?(?:api_key|secret|password|token|access_token|auth_token)"
-    r"\s*=\s*)(.*)$", re.IGNORECASE)
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "On an error you can act on, print the traceback too (also: "
+    "XWIN_VERBOSE=1). Unexpected errors always print theirs.")
+
+# gin appends "  In call to configurable 'name' (<function ...>)" lines to errors it passes on.
+_GIN_CALL_TRAIL = re.compile(r"\n\s*In call to configurable .*", re.DOTALL)
+_REQUIRED_NOT_SET = re.compile(r"(\S+?)(?:/macro\.value)? set to `%gin\.REQUIRED`")
 
 
-class GinConfigError(ValueError):
+class GinConfigError(UserError, ValueError):
     """A gin file or binding could not be parsed; the message names the file or binding."""
+
+
+class RequiredMacroError(GinConfigError):
+    """A %gin.REQUIRED macro was left unset; `name` is the macro."""
+
+    def __init__(self, name: str, files: list[str]):
+        super().__init__(f"{name} is required by {', '.join(files)} and was not set",
+                         hint=f"add --gin.{name}=<value> (strings in quotes: "
+                              f"--gin.{name}=\"'...'\")")
+        self.name = name
 
 
 def _not_a_search_probe(record: py_logging.LogRecord) -> bool:
@@ -82,31 +98,23 @@ def parse_gin(files: list[str], bindings: list[str], search_paths: list[str]) ->
         try:
             gin.parse_config_file(path)
         except Exception as err:  # gin raises many types; all are config errors here
-            raise GinConfigError(f"{path}: {err}") from err
+            raise GinConfigError(f"{path}: {_one_line(str(err))}") from err
     for binding in bindings:
-        try:
+        redaction.register_gin_binding(binding)  # a key given here is never shown, even if
+        try:                                     # the binding fails to parse
             gin.parse_config(binding)
         except Exception as err:
-            raise GinConfigError(f"--gin_bindings {binding!r}: {err}") from err
-    gin.finalize()
-
-
-def redact(config_text: str) -> str:
-    """Gin text with the value of every credential binding replaced, continuation lines of a
-    multi-line value included."""
-    out, skipping = [], False
-    for line in config_text.splitlines(keepends=True):
-        if (skipping and line[:1] in (" ", "\t") and line.strip()
-                and not _BINDING.match(line)):
-            continue  # the rest of a redacted multi-line value
-        skipping = False
-        match = _SECRET_BINDING.match(line)
-        if match:
-            out.append(f"{match.group(1)}'<redacted>'\n")
-            skipping = True
-        else:
-            out.append(line)
-    return "".join(out)
+            raise GinConfigError(
+                f"--gin_bindings {redaction.redact_gin(binding)!r}: {_one_line(str(err))}",
+                hint="values are Python literals: strings in quotes (--gin.NAME=\"'text'\"), "
+                     "configurables as @name() and macros as %NAME") from err
+    try:
+        gin.finalize()
+    except ValueError as err:  # gin's finalize hook: a %gin.REQUIRED value was not set
+        required = _REQUIRED_NOT_SET.match(str(err))
+        if not required:
+            raise GinConfigError(f"{', '.join(files)}: {err}") from err
+        raise RequiredMacroError(required.group(1), files) from err
 
 
 def _write_config(output_dir: str, file_name: str, text: str) -> None:
@@ -114,7 +122,7 @@ def _write_config(output_dir: str, file_name: str, text: str) -> None:
     if jax.process_index() != 0:  # one writer per job
         return
     with open(os.path.join(output_dir, file_name), "w") as f:
-        f.write(redact(text))
+        f.write(redaction.redact_gin(text))
 
 
 def run_gin_job(files: list[str], bindings: list[str],
@@ -138,7 +146,9 @@ def run_gin_job(files: list[str], bindings: list[str],
         _write_config(output_dir, "config.gin", gin.config_str())
 
     result = configured_run(on_start=on_start)
-    _write_config(output_dir_holder["dir"], "operative_config.gin", gin.operative_config_str())
+    if "dir" in output_dir_holder:
+        _write_config(output_dir_holder["dir"], "operative_config.gin",
+                      gin.operative_config_str())
     return result
 
 
@@ -164,15 +174,32 @@ def main(argv):
         raise app.UsageError("--gin_file is required (e.g. --gin_file=gin/runs/convert.gin)")
     try:
         run_gin_job(_GIN_FILES.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
-    except GinConfigError as err:
-        print(f"gin error: {err}", file=sys.stderr)
+    except UserError as err:
+        if _VERBOSE.value or os.environ.get("XWIN_VERBOSE", "") not in ("", "0"):
+            traceback.print_exc()
+        print(describe_error(err), file=sys.stderr)
         return 2
     except Preempted as err:  # a checkpoint is saved; schedulers read 143 as "terminated"
         print(f"preempted: {err}", file=sys.stderr)
         return 143
 
 
+def _one_line(message: str) -> str:
+    """gin's messages continue on indented lines ("    Failed to parse token ..."): join them."""
+    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def describe_error(err: UserError) -> str:
+    """`error: <message>` (without gin's "In call to configurable" trail) and, where the
+    error has one, `hint: <advice>` on a second line."""
+    message = _GIN_CALL_TRAIL.sub("", str(err)).strip()
+    prefix = "gin error" if isinstance(err, GinConfigError) else "error"
+    hint = getattr(err, "hint", None)
+    return f"{prefix}: {message}" + (f"\nhint: {hint}" if hint else "")
+
+
 def run_main():
+    redaction.redact_process_output()  # what the job prints or logs never shows a secret
     argv = rewrite_gin_args(sys.argv)
     if not any(arg.startswith(("--verbosity", "-v")) for arg in argv[1:]):
         # orbax and friends log every step of a save at INFO; keep the console for progress.

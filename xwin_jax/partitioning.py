@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from xwin_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -57,19 +59,19 @@ def resolve_mesh_shape(mesh_shape: Mapping[str, int], num_devices: int) -> dict[
     unknown = [k for k in MESH_AXES if mesh_shape.get(k, 1) == -1]
     extra = sorted(set(mesh_shape) - set(MESH_AXES))
     if extra:
-        raise ValueError(f"mesh axes {extra} are unknown; use {list(MESH_AXES)}")
+        raise ConfigError(f"mesh axes {extra} are unknown; use {list(MESH_AXES)}")
     if len(unknown) > 1:
-        raise ValueError(f"mesh {dict(mesh_shape)}: only one axis may be -1")
+        raise ConfigError(f"mesh {dict(mesh_shape)}: only one axis may be -1")
     sizes = {k: mesh_shape.get(k, 1) for k in MESH_AXES}
     known = math.prod(v for v in sizes.values() if v != -1)
     if unknown:
         if num_devices % known:
-            raise ValueError(f"mesh {dict(mesh_shape)}: {num_devices} devices are not divisible "
-                             f"by the fixed axes' product {known}")
+            raise ConfigError(f"mesh {dict(mesh_shape)}: {num_devices} devices are not divisible "
+                              f"by the fixed axes' product {known}")
         sizes[unknown[0]] = num_devices // known
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices; "
-                         f"{num_devices} are available")
+        raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices; "
+                          f"{num_devices} are available")
     return sizes
 
 
@@ -111,8 +113,8 @@ class Partitioner:
         out = []
         for dim, name in enumerate(logical_axes):
             if name is not None and name not in self._rules:
-                raise ValueError(f"logical axis {name!r} has no rule; add one to the rule table "
-                                 f"(known: {sorted(self._rules)})")
+                raise ConfigError(f"logical axis {name!r} has no rule; add one to the rule table "
+                                  f"(known: {sorted(self._rules)})")
             axes = [a for a in (self._rules[name] if name else ()) if self.sizes[a] > 1
                     and a not in used]
             if shape is not None:
@@ -163,8 +165,8 @@ class Partitioner:
             value = np.asarray(value)
             global_rows = value.shape[0] * jax.process_count()
             if global_rows % self.batch_divisor:
-                raise ValueError(f"batch field {key!r}: global batch {global_rows} is not "
-                                 f"divisible by data*fsdp = {self.batch_divisor}")
+                raise ConfigError(f"batch field {key!r}: global batch {global_rows} is not "
+                                  f"divisible by data*fsdp = {self.batch_divisor}")
             sharding = self.data_sharding(value.ndim)
             self._check_host_rows(sharding, (global_rows,) + value.shape[1:], value.shape[0])
             out[key] = jax.make_array_from_process_local_data(sharding, value)
@@ -182,7 +184,7 @@ class Partitioner:
         stop = max(global_shape[0] if r.stop is None else r.stop for r in rows)
         expected = (jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
         if (start, stop) != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh {self.sizes} splits the batch {self.batch_divisor} way(s) over "
                 f"{jax.process_count()} hosts: host {jax.process_index()} holds rows "
                 f"[{start}, {stop}) but feeds [{expected[0]}, {expected[1]}); make "

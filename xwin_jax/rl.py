@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from xwin_jax.errors import ConfigError
+
 
 def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     """Sum over mask == 1; by selection, so an inf or NaN on padding cannot leak in."""
@@ -55,7 +57,7 @@ def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k1") -> j
         return 0.5 * jnp.square(log_ratio)
     if estimator == "k3":
         return jnp.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"kl estimator {estimator!r}: choose 'k1', 'k2' or 'k3'")
+    raise ConfigError(f"kl estimator {estimator!r}: choose 'k1', 'k2' or 'k3'")
 
 
 def last_index(mask: jax.Array) -> jax.Array:

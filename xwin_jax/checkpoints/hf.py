@@ -28,6 +28,7 @@ import numpy as np
 from xwin_jax.checkpoints.params import load_params, save_params
 from xwin_jax.checkpoints.safetensors_io import (CheckpointError, SafetensorsReader,
                                                  write_safetensors)
+from xwin_jax.errors import ConfigError, UserError
 from xwin_jax.models.config import LlamaConfig, UnsupportedConfigError
 from xwin_jax.models.llama import LAYERS
 
@@ -114,7 +115,7 @@ def expected_tensors(cfg: LlamaConfig, head: str = "lm"
     """(HF name, mapping, layer index or None) for every tensor a checkpoint of cfg holds;
     head 'lm' (LlamaForCausalLM) or 'score' (LlamaForSequenceClassification, num_labels 1)."""
     if head not in HEADS:
-        raise ValueError(f"head={head!r}: choose one of {sorted(HEADS)}")
+        raise ConfigError(f"head={head!r}: choose one of {sorted(HEADS)}")
     if head == "score":
         yield SCORE_MAPPING.hf_name, SCORE_MAPPING, None
     for mapping in TENSOR_MAP:
@@ -304,7 +305,7 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
     if not match or match.group(2).upper() not in _SIZE_UNITS:
-        raise ValueError(f"max_shard_size={size!r}: expected bytes or e.g. '5GB', '500MB'")
+        raise ConfigError(f"max_shard_size={size!r}: expected bytes or e.g. '5GB', '500MB'")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
@@ -340,7 +341,7 @@ def save_hf(cfg: LlamaConfig, params: dict, hf_dir: str, *, dtype: str = "bfloat
     weight files written."""
     out_dtype = np.dtype(dtype)
     if out_dtype.name not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"save_hf dtype={dtype!r}: choose float32, float16 or bfloat16")
+        raise ConfigError(f"save_hf dtype={dtype!r}: choose float32, float16 or bfloat16")
     if jax.process_index() != 0:  # one writer; params must be addressable on host 0
         return []
     if head == "score":
@@ -413,7 +414,7 @@ def convert(direction: str, hf_dir: str, ckpt_dir: str, *, dtype: str = "bfloat1
         files = save_hf(cfg, params, hf_dir, dtype=dtype, max_shard_size=max_shard_size)
         print(f"exported {ckpt_dir} → {hf_dir}: {len(files)} safetensors file(s), {dtype}")
         return {"direction": direction, "files": files}
-    raise ValueError(f"convert direction={direction!r}: choose 'import' or 'export'")
+    raise ConfigError(f"convert direction={direction!r}: choose 'import' or 'export'")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,9 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             convert("export", args.hf_dir, args.ckpt_dir, dtype=args.dtype,
                     max_shard_size=args.max_shard_size)
-    except (CheckpointError, UnsupportedConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except UserError as err:  # as launch does: one line (and a hint), exit 2
+        print(f"error: {err}" + (f"\nhint: {err.hint}" if err.hint else ""), file=sys.stderr)
+        return 2
     return 0
 
 

@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from xwin_jax.errors import UserError
+
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -32,7 +34,7 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, malformed or does not match; the message names the file."""
 
 

@@ -8,6 +8,8 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from xwin_jax.errors import ConfigError
+
 
 class GlobalBatches:
     """Subclasses set `batch_size` and define `global_batch(step)`."""
@@ -20,7 +22,7 @@ class GlobalBatches:
         """This host's rows of global batch `step`."""
         count, index = jax.process_count(), jax.process_index()
         if self.batch_size % count:
-            raise ValueError(f"batch_size={self.batch_size} does not split over {count} hosts")
+            raise ConfigError(f"batch_size={self.batch_size} does not split over {count} hosts")
         rows = self.batch_size // count
         return {k: v[index * rows:(index + 1) * rows]
                 for k, v in self.global_batch(step).items()}

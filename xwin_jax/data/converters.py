@@ -15,6 +15,7 @@ import numpy as np
 
 from xwin_jax.data import template
 from xwin_jax.data.formats import ASSISTANT, Conversation, Message, PreferencePair
+from xwin_jax.errors import ConfigError
 
 
 def _response_tokens(prompt: Conversation, response: str, vocab, seq_len: int,
@@ -32,8 +33,8 @@ def _response_tokens(prompt: Conversation, response: str, vocab, seq_len: int,
     if len(ids) > seq_len:
         overflow = len(ids) - seq_len
         if overflow > prompt_len - 1:  # BOS + the whole response must still fit
-            raise ValueError(f"{prompt.source or 'pair'}: the response alone ({answer_len} "
-                             f"tokens) does not fit seq_len={seq_len}")
+            raise ConfigError(f"{prompt.source or 'pair'}: the response alone ({answer_len} "
+                              f"tokens) does not fit seq_len={seq_len}")
         ids = ids[:1] + ids[1 + overflow:]
         mask = mask[:1] + mask[1 + overflow:]
     return ids, mask
@@ -101,7 +102,7 @@ def left_padded_batch(rows: Sequence[Sequence[int]], width: int, pad_id: int
     mask = np.zeros((len(rows), width), np.int32)
     for r, ids in enumerate(rows):
         if len(ids) > width:
-            raise ValueError(f"row {r} has {len(ids)} tokens, more than width {width}")
+            raise ConfigError(f"row {r} has {len(ids)} tokens, more than width {width}")
         tokens[r, width - len(ids):] = ids
         mask[r, width - len(ids):] = 1
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)

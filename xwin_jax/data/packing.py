@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from xwin_jax.errors import ConfigError
+
 FIELDS = ("input_tokens", "target_tokens", "loss_weights", "segment_ids", "positions")
 
 
@@ -28,8 +30,8 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_l
         if length < 1:
             continue
         if length > seq_len:
-            raise ValueError(f"an example of {len(ids)} tokens does not fit seq_len + 1 = "
-                             f"{seq_len + 1}; truncate it first")
+            raise ConfigError(f"an example of {len(ids)} tokens does not fit seq_len + 1 = "
+                              f"{seq_len + 1}; truncate it first")
         if used + length > seq_len:
             rows.append([])
             used = 0

@@ -17,6 +17,7 @@ import numpy as np
 from xwin_jax.data import converters, formats
 from xwin_jax.data.batching import GlobalBatches
 from xwin_jax.data.vocabulary import get_vocabulary
+from xwin_jax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -39,8 +40,8 @@ class PairsData(GlobalBatches):
             pairs += result.records
             self.skipped += result.skipped
         if len(pairs) < self.batch_size:
-            raise ValueError(f"{list(self.paths)}: {len(pairs)} pairs, fewer than batch_size="
-                             f"{self.batch_size}")
+            raise ConfigError(f"{list(self.paths)}: {len(pairs)} pairs, fewer than batch_size="
+                              f"{self.batch_size}")
         self.arrays = converters.pairs_batch(pairs, self.vocab, self.seq_len, self.system)
         self.num_pairs = len(pairs)
 

@@ -18,6 +18,7 @@ import numpy as np
 from xwin_jax.data import converters, formats
 from xwin_jax.data.batching import GlobalBatches
 from xwin_jax.data.vocabulary import get_vocabulary
+from xwin_jax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -41,8 +42,8 @@ class PromptsData(GlobalBatches):
             self.prompts += result.records
             self.skipped += result.skipped
         if len(self.prompts) < self.batch_size:
-            raise ValueError(f"{list(self.paths)}: {len(self.prompts)} prompts, fewer than "
-                             f"batch_size={self.batch_size}")
+            raise ConfigError(f"{list(self.paths)}: {len(self.prompts)} prompts, fewer than "
+                              f"batch_size={self.batch_size}")
         self.ids = [converters.prompt_ids(p.conversation, self.vocab, self.max_prompt_len,
                                           self.system) for p in self.prompts]
 

@@ -20,6 +20,7 @@ import numpy as np
 from xwin_jax.data import formats, packing, template
 from xwin_jax.data.batching import GlobalBatches
 from xwin_jax.data.vocabulary import get_vocabulary
+from xwin_jax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -50,8 +51,8 @@ class SftData(GlobalBatches):
                 if tokenized is not None:
                     self.examples.append((tokenized.ids, tokenized.loss_mask))
         if not self.examples:
-            raise ValueError(f"{list(self.paths)}: no usable SFT examples ({self.stats.report()};"
-                             f" is seq_len={self.seq_len} shorter than the chat template?)")
+            raise ConfigError(f"{list(self.paths)}: no usable SFT examples ({self.stats.report()};"
+                              f" is seq_len={self.seq_len} shorter than the chat template?)")
         self._epochs: dict[int, dict[str, np.ndarray]] = {}
         self._batch_counts: dict[int, int] = {}
 
@@ -75,8 +76,8 @@ class SftData(GlobalBatches):
             self._batch_counts[epoch] = len(self.epoch_rows(epoch)["input_tokens"]) // \
                 self.batch_size
             if self._batch_counts[epoch] == 0:
-                raise ValueError(f"an epoch packs into fewer rows than batch_size="
-                                 f"{self.batch_size}")
+                raise ConfigError(f"an epoch packs into fewer rows than batch_size="
+                                  f"{self.batch_size}")
         return self._batch_counts[epoch]
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ import numpy as np
 
 from xwin_jax import hosts
 from xwin_jax.data import formats
+from xwin_jax.errors import ConfigError
 
 WORDS = ("apple", "river", "planet", "garden", "silver", "window", "tiger", "candle",
          "forest", "rocket", "pencil", "island", "marble", "thunder", "violin", "harbor",
@@ -163,7 +164,7 @@ class RuleJudge:
     def rate(self, prompt: str, response: str) -> Rating:
         solved = solve(prompt)
         if solved is None:
-            raise ValueError(f"the rule judge cannot verify this prompt: {prompt[:80]!r}")
+            raise ConfigError(f"the rule judge cannot verify this prompt: {prompt[:80]!r}")
         _, answer = solved
         stated = ANSWER.findall(response)
         ideal = len(ideal_response(answer))
@@ -208,7 +209,7 @@ def make_prompts(seed: int, count: int) -> list[str]:
     while len(prompts) < count:
         attempts += 1
         if attempts > 100 * count:
-            raise ValueError(f"cannot make {count} distinct prompts")
+            raise ConfigError(f"cannot make {count} distinct prompts")
         prompt = FAMILIES[attempts % len(FAMILIES)].make(rng)
         if prompt not in seen:
             seen.add(prompt)
@@ -281,5 +282,5 @@ def suite_file(name: str, out_dir: str, seed: int = 0, num_prompts: int = 3000,
     hosts.leader_first(f"synthetic suite {marker}", write_once)
     path = os.path.join(out_dir, f"{name}.jsonl")
     if not os.path.exists(path):
-        raise ValueError(f"the synthetic suite has no file {name!r} (in {out_dir})")
+        raise ConfigError(f"the synthetic suite has no file {name!r} (in {out_dir})")
     return path

@@ -24,6 +24,7 @@ import numpy as np
 from xwin_jax.data import converters, formats, packing, template
 from xwin_jax.data.batching import GlobalBatches
 from xwin_jax.data.vocabulary import get_vocabulary
+from xwin_jax.errors import ConfigError
 
 FEATURES = ("ids", "loss_mask")
 
@@ -204,8 +205,8 @@ class SeqioSftData(GlobalBatches):
 
     def __post_init__(self):
         if self.num_shards is not None and self.num_shards < 1:
-            raise ValueError(f"SeqioSftData.num_shards={self.num_shards}: use a count >= 1, "
-                             f"or None for one shard per host")
+            raise ConfigError(f"SeqioSftData.num_shards={self.num_shards}: use a count >= 1, "
+                              f"or None for one shard per host")
         self.vocab = get_vocabulary(self.vocabulary)
         self._streams = None
         self._next_step = None
@@ -221,10 +222,10 @@ class SeqioSftData(GlobalBatches):
         """The data shards this host reads, in the order of its rows."""
         shards, hosts = self._shard_count(), jax.process_count()
         if shards % hosts:
-            raise ValueError(f"num_shards={shards} does not split over {hosts} hosts")
+            raise ConfigError(f"num_shards={shards} does not split over {hosts} hosts")
         if self.batch_size % shards:
-            raise ValueError(f"batch_size={self.batch_size} does not split into "
-                             f"{shards} data shards")
+            raise ConfigError(f"batch_size={self.batch_size} does not split into "
+                              f"{shards} data shards")
         per_host = shards // hosts
         return range(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
 
@@ -239,7 +240,7 @@ class SeqioSftData(GlobalBatches):
                                    num_epochs=None, trim_output_features=False)
         for example in dataset.as_numpy_iterator():
             if len(example["ids"]) > self.seq_len + 1:
-                raise ValueError(
+                raise ConfigError(
                     f"seqio task {self.task!r} has an example of {len(example['ids'])} tokens; "
                     f"register or prepare it with max_len <= seq_len + 1 = {self.seq_len + 1}")
             yield example["ids"], example["loss_mask"]
@@ -274,7 +275,7 @@ class SeqioSftData(GlobalBatches):
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:
         if jax.process_count() != 1:
-            raise ValueError("global_batch needs every host's shard; use local_batch")
+            raise ConfigError("global_batch needs every host's shard; use local_batch")
         return self.local_batch(step)
 
 

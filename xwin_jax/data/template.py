@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from xwin_jax.data.formats import ASSISTANT, USER, Conversation
+from xwin_jax.errors import ConfigError
 
 XWIN_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                "The assistant gives helpful, detailed, and polite answers to the user's "
@@ -104,7 +105,7 @@ def tokenize_conversation(conversation: Conversation, vocab, max_len: int | None
     whole exchanges that fit (cutting the first one if it alone is too long); 'truncate' cuts
     at max_len. None when no answer token survives."""
     if truncation not in TRUNCATION_POLICIES:
-        raise ValueError(f"truncation={truncation!r}: choose one of {TRUNCATION_POLICIES}")
+        raise ConfigError(f"truncation={truncation!r}: choose one of {TRUNCATION_POLICIES}")
     ids, mask, dropped = [], [], 0
     exchanges = _segments(conversation, vocab, system)
     for k, (prompt, answer) in enumerate(exchanges):
@@ -130,11 +131,11 @@ def tokenize_prompt(conversation: Conversation, vocab, system: str | None = None
     for i, message in enumerate(turns):
         expected = USER if i % 2 == 0 else ASSISTANT
         if message.role != expected:
-            raise ValueError(f"{where}: turn {i} is a {message.role} message where a {expected} "
-                             f"message belongs (turns alternate, user first; a system message "
-                             f"only first)")
+            raise ConfigError(f"{where}: turn {i} is a {message.role} message where a {expected} "
+                              f"message belongs (turns alternate, user first; a system message "
+                              f"only first)")
     if not turns or turns[-1].role == ASSISTANT:
-        raise ValueError(f"{where}: a generation prompt must end with a user message")
+        raise ConfigError(f"{where}: a generation prompt must end with a user message")
     head = _head(conversation, system)
     ids = []
     for i in range(0, len(turns), 2):

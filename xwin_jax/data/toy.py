@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 
 from xwin_jax.data.batching import GlobalBatches
+from xwin_jax.errors import ConfigError
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 FIRST_SYMBOL = 4
@@ -27,10 +28,10 @@ class ReverseTask(GlobalBatches):
     def __post_init__(self):
         self.max_items = (self.seq_len - 3) // 2
         if self.max_items < 1:
-            raise ValueError(f"ReverseTask.seq_len={self.seq_len} is too short (needs >= 5)")
+            raise ConfigError(f"ReverseTask.seq_len={self.seq_len} is too short (needs >= 5)")
         if FIRST_SYMBOL + self.num_symbols > self.vocab_size:
-            raise ValueError(f"ReverseTask.num_symbols={self.num_symbols} does not fit "
-                             f"vocab_size={self.vocab_size}")
+            raise ConfigError(f"ReverseTask.num_symbols={self.num_symbols} does not fit "
+                              f"vocab_size={self.vocab_size}")
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])

@@ -6,7 +6,10 @@ never masked out as padding.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
+
+from xwin_jax.errors import ConfigError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -42,11 +45,20 @@ class SentencePieceVocabulary:
         import sentencepiece
 
         self.model_file = model_file
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        if not os.path.isfile(model_file):
+            raise ConfigError(f"VOCABULARY={model_file!r}: no such file",
+                              hint="give 'bytes' or the path of a SentencePiece "
+                                   "tokenizer.model")
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        except (OSError, RuntimeError) as err:
+            raise ConfigError(f"VOCABULARY={model_file!r}: not a SentencePiece model "
+                              f"({err})") from None
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self._sp.unk_id()
         if self.pad_id == self.eos_id:
-            raise ValueError(f"{model_file}: pad id equals EOS id {self.eos_id}")
+            raise ConfigError(f"{model_file}: pad id equals EOS id {self.eos_id}: EOS would be "
+                              f"masked out as padding")
         self.vocab_size = self._sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:

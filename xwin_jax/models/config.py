@@ -7,13 +7,15 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from xwin_jax.errors import ConfigError, UserError
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "reference")
 SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM",)  # heads.py adds the sequence classifier
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(UserError, ValueError):
     """An HF config asks for something this model does not implement; names the field."""
 
 
@@ -40,21 +42,21 @@ class LlamaConfig:
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"LlamaConfig.hidden_size={self.hidden_size} is not divisible by "
                 f"num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"LlamaConfig.num_heads={self.num_heads} is not divisible by "
                 f"num_kv_heads={self.num_kv_heads} (GQA needs whole groups)")
         if self.head_dim % 2:
-            raise ValueError(f"LlamaConfig head_dim={self.head_dim} must be even for rotary")
+            raise ConfigError(f"LlamaConfig head_dim={self.head_dim} must be even for rotary")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f"LlamaConfig.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"LlamaConfig.attention_impl={self.attention_impl!r}; choose one of "
-                             f"{ATTENTION_IMPLEMENTATIONS}")
+            raise ConfigError(f"LlamaConfig.attention_impl={self.attention_impl!r}; choose one of "
+                              f"{ATTENTION_IMPLEMENTATIONS}")
 
     @property
     def head_dim(self) -> int:
@@ -91,7 +93,7 @@ class LlamaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown LlamaConfig fields: {unknown}")
+            raise ConfigError(f"unknown LlamaConfig fields: {unknown}")
         return cls(**values)
 
     # --- Hugging Face ---------------------------------------------------------------------
@@ -209,5 +211,5 @@ PRESETS: dict[str, LlamaConfig] = {
 def preset(name: str, **overrides) -> LlamaConfig:
     """A named preset with optional field overrides (the function gin files bind)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown LlamaConfig preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown LlamaConfig preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xwin_jax.errors import ConfigError
 from xwin_jax.models import heads
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.llama import Llama, positions_from_mask
@@ -76,5 +77,5 @@ def load_reward_stats(reward_dir: str) -> dict[str, float]:
     with open(path) as f:
         stats = json.load(f)
     if not stats.get("std"):
-        raise ValueError(f"{path}: std is {stats.get('std')!r}; cannot normalise rewards")
+        raise ConfigError(f"{path}: std is {stats.get('std')!r}; cannot normalise rewards")
     return stats

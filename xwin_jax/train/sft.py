@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from xwin_jax.checkpoints import hf
 from xwin_jax.checkpoints.params import load_config, load_params, save_params
+from xwin_jax.errors import ConfigError
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.llama import Llama
 from xwin_jax.partitioning import Partitioner
@@ -53,7 +54,7 @@ def token_loss_sums(model: Llama, params: Any, hidden: jax.Array, targets: jax.A
     if not chunk_size or chunk_size >= seq_len:
         return stats(hidden, targets, weights)
     if seq_len % chunk_size:
-        raise ValueError(f"logits chunk_size={chunk_size} must divide seq_len={seq_len}")
+        raise ConfigError(f"logits chunk_size={chunk_size} must divide seq_len={seq_len}")
     n = seq_len // chunk_size
 
     def to_chunks(x):  # [B, S, ...] → [n, B, chunk, ...]
@@ -145,8 +146,8 @@ def train_sft(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
     model = initial_model(model, init_hf_dir, init_params_dir)
     data_vocab = getattr(getattr(train_data, "vocab", None), "vocab_size", 0)
     if data_vocab > model.vocab_size:
-        raise ValueError(f"the data's vocabulary has {data_vocab} ids but the model only "
-                         f"{model.vocab_size} (vocab_size)")
+        raise ConfigError(f"the data's vocabulary has {data_vocab} ids but the model only "
+                          f"{model.vocab_size} (vocab_size)")
     if hasattr(train_data, "report") and jax.process_index() == 0:
         print(f"[{stage}] train data: {train_data.report()}")
 

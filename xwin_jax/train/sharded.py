@@ -17,6 +17,7 @@ import optax
 from xwin_jax.checkpoints import hf
 from xwin_jax.checkpoints.manager import abstract_like
 from xwin_jax.checkpoints.params import load_config
+from xwin_jax.errors import ConfigError
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.llama import init_params, param_logical_axes
 from xwin_jax.partitioning import Partitioner
@@ -39,7 +40,7 @@ def initial_model(model: LlamaConfig, init_hf_dir: str | None,
     """The config to train: the architecture from the starting checkpoint (if any), numerics
     and layout (dtype, remat, ...) from `model`. Reads configs only, never weights."""
     if init_hf_dir and init_params_dir:
-        raise ValueError("set init_hf_dir or init_params_dir, not both")
+        raise ConfigError("set init_hf_dir or init_params_dir, not both")
     if init_hf_dir:
         return hf.read_hf_config(init_hf_dir, **model.runtime_fields())
     if init_params_dir:

@@ -16,7 +16,9 @@ from xwin_jax.checkpoints.manager import TrainCheckpointer
 from xwin_jax.checkpoints.params import load_params
 from xwin_jax.data.toy import ReverseTask
 from xwin_jax.models.config import preset
+from xwin_jax.models.llama import init_params
 from xwin_jax.train import sft
+from xwin_jax.train import state as train_state
 from xwin_jax.train.loop import NonFiniteError, Preempted
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,3 +142,75 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_from_its_weights(hf_m
     _, trained = load_params(summary["export_dir"])
     _, imported = load_hf(path, scan_layers=False)
     jax.tree.map(np.testing.assert_array_equal, trained, imported)
+
+
+def test_a_non_finite_update_is_caught_after_the_step_and_never_saved(tmp_path):
+    """The loss and gradient norm of step 4 are finite, but the state it produced is not: the
+    run stops naming step 4 (a checkpoint step), checkpoint 2 stays the latest, nothing is
+    exported."""
+    base = sft.make_train_step
+
+    def poisoning_train_step(loss_fn, optimizer, schedule, *args, **kwargs):
+        step = base(loss_fn, optimizer, schedule, *args, **kwargs)
+
+        def poisoned(state, batch):
+            new, metrics = step(state, batch)
+            bad = jax.numpy.where(state.step == 3, jax.numpy.nan, 0.0)
+            new = new.replace(params=jax.tree.map(lambda x: x + bad.astype(x.dtype),
+                                                  new.params))
+            return new, dict(metrics, update_finite=train_state.all_finite(
+                new.params).astype("float32"))
+        return poisoned
+
+    sft.make_train_step = poisoning_train_step
+    try:
+        with pytest.raises(NonFiniteError, match=r"step 4: the update made the parameters.*"
+                                                 r"last checkpoint: step 2") as err:
+            run(tmp_path, Scripted(), steps=6)
+    finally:
+        sft.make_train_step = base
+    assert "learning rate" in err.value.hint
+    assert TrainCheckpointer(str(tmp_path / "sft" / "checkpoints")).latest_step() == 2
+    assert not (tmp_path / "sft" / "final").exists()
+    assert not (tmp_path / "sft" / "summary.json").exists()
+
+
+SMALL = preset("tiny", hidden_size=32, intermediate_size=64, num_layers=1)
+
+
+def _stage_step_inputs(stage):
+    """(loss_fn, params, batch, count) of a stage whose step is state.make_train_step."""
+    from xwin_jax.models import heads
+    from xwin_jax.train import dpo, reward
+
+    rows = ReverseTask(4, 16).local_batch(0)
+    if stage == "sft":
+        return sft.sft_loss_fn(SMALL), init_params(SMALL, jax.random.key(0)), rows, "num_tokens"
+    tokens = rows["input_tokens"]
+    pairs = {"chosen_tokens": tokens, "rejected_tokens": tokens[::-1].copy(),
+             "chosen_length": np.full(4, 16, np.int32), "rejected_length": np.full(4, 12, np.int32),
+             "chosen_rating": np.full(4, 8.0, np.float32),
+             "rejected_rating": np.full(4, 3.0, np.float32)}
+    if stage == "reward":
+        return (reward.reward_loss_fn(SMALL), heads.init_reward_params(SMALL, jax.random.key(0)),
+                pairs, "num_pairs")
+    pairs.update(chosen_response_mask=rows["loss_weights"], rejected_response_mask=rows[
+        "loss_weights"][::-1].copy(), chosen_ref_logp=np.zeros(4, np.float32),
+        rejected_ref_logp=np.zeros(4, np.float32))
+    return dpo.dpo_loss_fn(SMALL), init_params(SMALL, jax.random.key(0)), pairs, "num_pairs"
+
+
+@pytest.mark.parametrize("stage,learning_rate,expected", [
+    ("sft", 1e-3, 1.0), ("sft", 1e39, 0.0), ("reward", 1e39, 0.0), ("dpo", 1e39, 0.0)])
+def test_train_steps_report_whether_the_updated_state_is_finite(stage, learning_rate,
+                                                                expected):
+    """1e39 overflows float32: the loss and gradient norm are finite, the update is not."""
+    loss_fn, params, batch, count = _stage_step_inputs(stage)
+    schedule = train_state.make_schedule(learning_rate, 10)
+    optimizer = train_state.make_optimizer(schedule)
+    step = jax.jit(train_state.make_train_step(loss_fn, optimizer, schedule, count=count,
+                                               input_tokens=lambda b: 1))
+    new, metrics = step(train_state.init_state(params, optimizer), batch)
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert float(metrics["update_finite"]) == expected
+    assert bool(train_state.all_finite(new.params, new.opt_state)) == bool(expected)

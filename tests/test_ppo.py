@@ -34,7 +34,7 @@ def checkpoints(tmp_path_factory):
     return root
 
 
-def run(checkpoints, workdir, steps, **ppo_overrides):
+def run(checkpoints, workdir, steps, learning_rate=1e-3, **ppo_overrides):
     prompts = PromptsData([str(checkpoints / "prompts.jsonl")], max_prompt_len=PROMPT_LEN,
                           batch_size=4)
     config = dict(max_new_tokens=8, epochs=2, num_minibatches=2, temperature=0.7,
@@ -42,7 +42,7 @@ def run(checkpoints, workdir, steps, **ppo_overrides):
     config.update(ppo_overrides)
     return ppo.train_ppo(str(workdir), CFG, steps, prompts,
                          policy_dir=str(checkpoints / "policy"), reward_dir=str(checkpoints / "rm"),
-                         ppo=ppo.PPOConfig(**config), learning_rate=1e-3,
+                         ppo=ppo.PPOConfig(**config), learning_rate=learning_rate,
                          value_learning_rate=1e-3, partitioner=Partitioner(
                              {"data": 1, "fsdp": 2, "tensor": 1}),
                          checkpoint_every=1, async_checkpoints=False)
@@ -142,3 +142,19 @@ def test_values_are_in_the_units_of_the_normalised_rewards():
     # Read before each response token: position P - 1 + t of the per-token scores.
     per_token = heads.RewardModel(CFG).apply({"params": params}, tokens, mask, per_token=True)
     np.testing.assert_allclose(raw, np.asarray(per_token)[:, 4:8], rtol=1e-6)
+
+
+def test_a_non_finite_update_stops_ppo_before_anything_is_saved(checkpoints, tmp_path):
+    with pytest.raises(ppo.NonFiniteError, match=r"iteration 1, update 1 of 4: the update "
+                                                 r"made the parameters") as err:
+        run(checkpoints, tmp_path, 2, learning_rate=1e39)  # overflows float32: inf
+    assert "learning_rate" in err.value.hint
+    assert not any((tmp_path / "ppo" / "checkpoints").iterdir())
+    assert not (tmp_path / "ppo" / "final").exists()
+
+
+def test_a_batch_that_does_not_split_into_minibatches_names_the_valid_multiple(checkpoints,
+                                                                              tmp_path):
+    with pytest.raises(ValueError, match="BATCH_SIZE=4 does not split") as err:
+        run(checkpoints, tmp_path, 1, num_minibatches=3)
+    assert "multiple of 6" in err.value.hint and "num_minibatches" in err.value.hint

@@ -3,8 +3,8 @@
 It does not care where batches come from: `batches(start_step)` yields process-local NumPy
 batches from `start_step` on, which is also how a resumed run continues at the same example.
 Checkpoints are saved every `checkpoint_every` steps (async), on SIGTERM, and at the end; a
-restart resumes from the latest one. A non-finite loss or gradient norm stops the run before
-that state could be saved.
+restart resumes from the latest one. A non-finite loss, gradient norm or updated state (the
+step's `update_finite` metric) stops the run before that state could be saved or exported.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from xwin_jax.checkpoints.manager import TrainCheckpointer
+from xwin_jax.errors import ConfigError, UserError
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train.metrics import MetricsWriter, device_peak_flops
 
@@ -51,7 +52,7 @@ def write_summary(stage_dir: str, summary: dict) -> str:
     return path
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """The loss or gradient norm became NaN/Inf; the message names the step."""
 
 
@@ -87,6 +88,23 @@ class _StopFlag:
         return False
 
 
+def non_finite_problem(metrics: Mapping[str, float]) -> str | None:
+    """What is non-finite about a step — its loss, its gradient norm, or the state the update
+    produced (the step's `update_finite` metric) — or None when all is well."""
+    for name in ("loss", "grad_norm"):
+        if name in metrics and not math.isfinite(metrics[name]):
+            return f"{name} = {metrics[name]}"
+    if metrics.get("update_finite", 1.0) != 1.0:
+        return (f"the update made the parameters or optimizer state non-finite (loss = "
+                f"{metrics.get('loss')}, grad_norm = {metrics.get('grad_norm')})")
+    return None
+
+
+def _describe_checkpoint(step: int | None, checkpointer: TrainCheckpointer) -> str:
+    return (f"step {step} in {checkpointer.directory}" if step is not None
+            else "none yet; a rerun starts from the initial weights")
+
+
 def _to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
 
@@ -117,8 +135,8 @@ def train_loop(*, stage_dir: str, num_steps: int, partitioner: Partitioner,
         state = init_state()
     writer = MetricsWriter(stage_dir, num_steps, start_step, description=description)
     if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every={checkpoint_every}: use N >= 1, or 0 for only "
-                         f"the final step (and SIGTERM)")
+        raise ConfigError(f"checkpoint_every={checkpoint_every}: use N >= 1, or 0 for only "
+                          f"the final step (and SIGTERM)")
     if latest is not None:
         writer.message(f"[{description}] resumed from step {start_step} "
                        f"({checkpointer.directory})")
@@ -142,11 +160,15 @@ def train_loop(*, stage_dir: str, num_steps: int, partitioner: Partitioner,
                 metrics = _to_python(metrics)  # waits for the step
                 elapsed = time.perf_counter() - began
                 done = step + 1
-                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                problem = non_finite_problem(metrics)
+                if problem:
+                    checkpointer.wait()  # the last good checkpoint is complete on disk
                     raise NonFiniteError(
-                        f"step {done}: loss = {metrics['loss']}, grad_norm = "
-                        f"{metrics['grad_norm']}; stopping without saving this state "
-                        f"(last checkpoint: step {last_saved} in {checkpointer.directory})")
+                        f"step {done}: {problem}; stopped without saving this state (last "
+                        f"checkpoint: {_describe_checkpoint(last_saved, checkpointer)})",
+                        hint="lower the learning rate (or raise warmup_steps) or check the "
+                             "data for extreme examples, then rerun: training resumes from "
+                             "the last checkpoint")
                 tokens = int(metrics["num_input_tokens"])
                 tokens_seen += tokens
                 if step > start_step:  # the first step of a run includes compilation

@@ -32,12 +32,14 @@ import optax
 from xwin_jax import rl, sampling
 from xwin_jax.checkpoints.manager import abstract_like
 from xwin_jax.checkpoints.params import load_config, load_head, load_params, save_params
+from xwin_jax.errors import ConfigError
 from xwin_jax.models import heads
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train import rollout
 from xwin_jax.train import state as train_state
-from xwin_jax.train.loop import NonFiniteError, finished_summary, train_loop, write_summary
+from xwin_jax.train.loop import (NonFiniteError, finished_summary, non_finite_problem,
+                                 train_loop, write_summary)
 from xwin_jax.train.sharded import ShardedTraining, put_global
 
 EXPORT_DIR = "final"
@@ -135,11 +137,15 @@ def make_update_step(policy_cfg: LlamaConfig, value_cfg: LlamaConfig, cfg: PPOCo
             policy_objective, has_aux=True)(policy.params, mb)
         (_, value_stats), value_grads = jax.value_and_grad(
             value_objective, has_aux=True)(value.params, mb)
+        policy = train_state.apply_gradients(policy, policy_grads, policy_optimizer)
+        value = train_state.apply_gradients(value, value_grads, value_optimizer)
         metrics = dict(policy_stats, **value_stats, policy_loss=policy_loss,
                        grad_norm=optax.global_norm(policy_grads),
-                       value_grad_norm=optax.global_norm(value_grads))
-        return (train_state.apply_gradients(policy, policy_grads, policy_optimizer),
-                train_state.apply_gradients(value, value_grads, value_optimizer), metrics)
+                       value_grad_norm=optax.global_norm(value_grads),
+                       update_finite=train_state.all_finite(
+                           policy.params, policy.opt_state, value.params,
+                           value.opt_state).astype(jnp.float32))
+        return policy, value, metrics
 
     return step
 
@@ -191,8 +197,8 @@ def train_ppo(workdir: str, model: LlamaConfig, train_steps: int, prompts: Any, 
     if done is not None:
         return done
     if jax.process_count() > 1:
-        raise NotImplementedError("PPO runs on one host for now (rollouts gather the prompt "
-                                  "batch on the host); shard over the devices of one host")
+        raise ConfigError("PPO runs on one host for now (rollouts gather the prompt batch on "
+                          "the host)", hint="run one process and shard over its local devices")
     started = time.perf_counter()
     partitioner = partitioner or Partitioner()
     value_dir = value_dir or reward_dir
@@ -203,9 +209,15 @@ def train_ppo(workdir: str, model: LlamaConfig, train_steps: int, prompts: Any, 
     reward_cfg = load_config(reward_dir).replace(**runtime)
     minibatch = prompts.batch_size // ppo.num_minibatches
     if prompts.batch_size % ppo.num_minibatches or minibatch % partitioner.batch_divisor:
-        raise ValueError(f"batch_size={prompts.batch_size} must split into num_minibatches="
-                         f"{ppo.num_minibatches} minibatches that divide over "
-                         f"{partitioner.batch_divisor} data shards")
+        multiple = ppo.num_minibatches * partitioner.batch_divisor
+        raise ConfigError(
+            f"BATCH_SIZE={prompts.batch_size} does not split into num_minibatches="
+            f"{ppo.num_minibatches} minibatches that each divide over the "
+            f"{partitioner.batch_divisor} data shards (data x fsdp) of the mesh",
+            hint=f"use a BATCH_SIZE that is a multiple of {multiple} (num_minibatches x data "
+                 f"shards), or set --gin.ppo.PPOConfig.num_minibatches to a divisor of "
+                 f"{prompts.batch_size} whose minibatches divide over "
+                 f"{partitioner.batch_divisor} shards")
     updates = train_steps * ppo.epochs * ppo.num_minibatches
 
     def optimizer(lr):
@@ -292,11 +304,18 @@ def train_ppo(workdir: str, model: LlamaConfig, train_steps: int, prompts: Any, 
                 update_metrics.append(metrics)
         update_metrics = jax.device_get(update_metrics)
         times["time_update_s"] = time.perf_counter() - began
-        bad = [m["value_grad_norm"] for m in update_metrics
-               if not np.isfinite(m["value_grad_norm"])]
-        if bad:
-            raise NonFiniteError(f"iteration {int(state.iteration) + 1}: value gradient norm "
-                                 f"{bad[0]}; stopping without saving this state")
+        for number, m in enumerate(update_metrics, start=1):
+            problem = non_finite_problem(
+                {"loss": m["policy_loss"], "grad_norm": m["grad_norm"],
+                 "update_finite": m["update_finite"]})
+            if problem is None and not np.isfinite(m["value_grad_norm"]):
+                problem = f"value_grad_norm = {m['value_grad_norm']}"
+            if problem:
+                raise NonFiniteError(
+                    f"iteration {int(state.iteration) + 1}, update {number} of "
+                    f"{len(update_metrics)}: {problem}; stopped without saving this state",
+                    hint="lower learning_rate or value_learning_rate, then rerun: training "
+                         "resumes from the last checkpoint")
 
         response_mask = rows["response_mask"].astype(np.float32)
         kl = float(computed["kl_k1"])

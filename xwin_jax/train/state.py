@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xwin_jax.errors import ConfigError
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -32,7 +34,7 @@ def make_schedule(peak_learning_rate: float, total_steps: int, warmup_steps: int
     elif decay == "constant":
         after = optax.constant_schedule(peak_learning_rate)
     else:
-        raise ValueError(f"decay={decay!r}: choose 'cosine', 'linear' or 'constant'")
+        raise ConfigError(f"decay={decay!r}: choose 'cosine', 'linear' or 'constant'")
     if warmup_steps <= 0:
         return after
     warmup = optax.linear_schedule(0.0, peak_learning_rate, warmup_steps)
@@ -75,6 +77,15 @@ def apply_gradients(state: TrainState, grads: Any,
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
 
+def all_finite(*trees: Any) -> jax.Array:
+    """True when every floating-point element of the trees is finite: one fused reduction
+    inside the step, so a non-finite update is caught before anything saves it."""
+    leaves = [x for tree in trees for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
+        else jnp.asarray(True)
+
+
 def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]], params: Any,
                          batch: dict, num_micro_batches: int):
     """Gradients of loss_fn summed over micro-batches of `batch` (split on the leading axis).
@@ -89,8 +100,8 @@ def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]], 
 
     def split(x):
         if x.shape[0] % num_micro_batches:
-            raise ValueError(f"batch of {x.shape[0]} rows does not split into "
-                             f"{num_micro_batches} micro-batches")
+            raise ConfigError(f"batch of {x.shape[0]} rows does not split into "
+                              f"{num_micro_batches} micro-batches")
         return x.reshape((num_micro_batches, x.shape[0] // num_micro_batches) + x.shape[1:])
 
     micro = jax.tree.map(split, batch)
@@ -117,7 +128,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
     Gradients and every `*_sum` metric are divided by sums[count] over the whole batch (target
     tokens for SFT, pairs for a reward model), which is what makes micro-batching exact;
-    `correct` becomes `accuracy`."""
+    `correct` becomes `accuracy`. `update_finite` (1 or 0) says whether the updated params and
+    optimizer state are all finite; the loop refuses to save a state where it is 0."""
     def step(state, batch):
         _, sums, grads = accumulate_gradients(loss_fn, state.params, batch, num_micro_batches)
         n = jnp.maximum(sums[count], 1.0)
@@ -130,5 +142,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                        learning_rate=schedule(state.step),
                        num_input_tokens=jnp.asarray(input_tokens(batch), jnp.float32))
         metrics[count] = sums[count]
-        return apply_gradients(state, grads, optimizer), metrics
+        state = apply_gradients(state, grads, optimizer)
+        metrics["update_finite"] = all_finite(state.params, state.opt_state).astype(jnp.float32)
+        return state, metrics
     return step

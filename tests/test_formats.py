@@ -48,7 +48,9 @@ def test_json_array_files_report_line_numbers(tmp_path):
     ({"conversations": [{"from": "human", "value": "x"}]},
      r":1: field 'conversations\[0\]': the last message must be from the assistant"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]},
-     r":1: field 'content': expected a string"),
+     r":1: field 'messages\[1\]\.content': expected a string"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt"}]},
+     r":1: field 'conversations\[1\]\.value': missing"),
     ({"text": "hello"}, r":1: field '<record>': expected `conversations`"),
     ("{not json", r":1: field '<line>': invalid JSON"),
     ([1, 2], r":1: field '<record>': expected a JSON object"),
@@ -120,3 +122,50 @@ def test_written_sharegpt_reads_back(tmp_path):
     path = str(tmp_path / "out.jsonl")
     formats.write_jsonl(path, [formats.conversation_to_sharegpt(conversation)])
     assert formats.read_sft(path).records[0].messages == conversation.messages
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", '
+                     b'"output": "x"}\n')
+    with pytest.raises(DataFormatError, match=rf"{path}:2: field '<line>': not valid UTF-8 "
+                                              r"\(byte 21 of the line"):
+        formats.read_sft(str(path))
+    assert len(formats.read_sft(str(path), skip_invalid=True)) == 1
+    array = tmp_path / "latin1.json"
+    array.write_bytes(b'[\n {"instruction": "a", "output": "b"},\n {"instruction": "\xe9"}]')
+    with pytest.raises(DataFormatError, match=rf"{array}:3: not valid UTF-8"):
+        formats.read_sft(str(array))
+
+
+def test_unicode_line_separators_stay_inside_their_records(tmp_path):
+    """U+2028, U+2029 and U+0085 are text inside JSON strings, not line breaks: files the
+    project writes read back record for record, and so do files written unescaped by other
+    tools."""
+    text = "first\u2028second\u2029third\x85fourth"
+    records = [{"instruction": text, "output": f"answer {i}"} for i in range(3)]
+    ours = tmp_path / "ours.jsonl"
+    formats.write_jsonl(str(ours), records)
+    assert len(ours.read_text(encoding="utf-8").splitlines()) == 3  # escaped: safe for any reader
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                      encoding="utf-8")
+    for path in (ours, theirs):
+        read = formats.read_sft(str(path))
+        assert [c.messages[0].content for c in read] == [text] * 3
+        assert [c.messages[1].content for c in read] == ["answer 0", "answer 1", "answer 2"]
+
+
+def test_appended_files_drop_what_a_kill_cut_off(tmp_path):
+    """Torn JSON, a torn UTF-8 character, a missing final newline: each costs only its own
+    record, and the file is left ready for the next append."""
+    path = tmp_path / "outputs.jsonl"
+    lines = [formats.jsonl_line({"index": i, "output": f"réponse {i}"}).encode() for i in range(3)]
+    torn_character = lines[2][:lines[2].index("é".encode()) + 1]  # half of é's two bytes
+    for tail in (lines[2][:-1], torn_character, lines[2][:10]):
+        path.write_bytes(lines[0] + lines[1] + tail)
+        assert sorted(formats.read_appended_jsonl(str(path), "index")) == [0, 1]
+        assert path.read_bytes() == lines[0] + lines[1]
+    path.write_bytes(lines[0] + b'{"index": 1, "output": "\xff"}\n' + lines[2])
+    assert sorted(formats.read_appended_jsonl(str(path), "index")) == [0, 2]
+    assert formats.read_appended_jsonl(str(tmp_path / "missing.jsonl"), "index") == {}

@@ -24,6 +24,7 @@ from xwin_jax.checkpoints import hf
 from xwin_jax.checkpoints.params import load_params
 from xwin_jax.data import converters, formats
 from xwin_jax.data.vocabulary import get_vocabulary
+from xwin_jax.errors import ConfigError
 from xwin_jax.models.config import LlamaConfig
 
 OUTPUTS_FILE = "outputs.jsonl"
@@ -34,7 +35,7 @@ PAD_MULTIPLE = 64
 def load_model(model: LlamaConfig, ckpt_dir: str | None = None, hf_dir: str | None = None):
     """(config, params) from a params checkpoint or an HF directory; numerics from `model`."""
     if bool(ckpt_dir) == bool(hf_dir):
-        raise ValueError("give exactly one of ckpt_dir (params checkpoint) and hf_dir")
+        raise ConfigError("give exactly one of ckpt_dir (params checkpoint) and hf_dir")
     if hf_dir:
         return hf.load_hf(hf_dir, **model.runtime_fields())
     cfg, params = load_params(ckpt_dir, scan_layers=model.scan_layers)
@@ -43,23 +44,7 @@ def load_model(model: LlamaConfig, ckpt_dir: str | None = None, hf_dir: str | No
 
 def read_done(path: str) -> dict[int, dict]:
     """Outputs already written, by prompt index; a line cut off by a kill is dropped."""
-    done = {}
-    if not os.path.exists(path):
-        return done
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    good = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-            done[record["index"]] = record
-            good.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    if len(good) != len(lines):
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(good)
-    return done
+    return formats.read_appended_jsonl(path, "index")
 
 
 def _padded_width(length: int) -> int:
@@ -104,11 +89,11 @@ def generate_job(prompts_path: str, output_dir: str, model: LlamaConfig, *,
             for r, index in enumerate(chunk):
                 n = int(result.lengths[r])
                 new_tokens += n
-                out.write(json.dumps({
+                out.write(formats.jsonl_line({
                     "index": index, "instruction": prompts[index].text,
                     "output": texts[r], "generator": generator,
                     "finished": bool(result.finished[r]), "num_tokens": n,
-                    "logprob": float(np.sum(result.logprobs[r, :n]))}, ensure_ascii=False) + "\n")
+                    "logprob": float(np.sum(result.logprobs[r, :n]))}))
             out.flush()
             bar.update(len(chunk))
     bar.close()

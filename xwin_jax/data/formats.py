@@ -3,6 +3,7 @@
     sft = read_sft("sharegpt.jsonl")        # ShareGPT, chat-messages or Alpaca (auto-detected)
     pairs = read_pairs("pairs.jsonl")       # prompt (text or messages), chosen, rejected, ratings
     prompts = read_prompts("alpaca_eval.json")  # JSONL with `prompt`, or a list with `instruction`
+    outputs = read_outputs("model_outputs.json")  # AlpacaEval's {"instruction", "output", ...}
 
 Files may be JSONL (one object per line) or one JSON array. Every malformed record raises a
 DataFormatError naming file:line and the field; with skip_invalid=True it is counted and listed
@@ -16,6 +17,8 @@ import json
 import os
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from xwin_jax.errors import UserError
+
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 SHAREGPT_ROLES = {"system": SYSTEM, "human": USER, "user": USER, "gpt": ASSISTANT,
                   "assistant": ASSISTANT, "chatgpt": ASSISTANT, "bard": ASSISTANT,
@@ -23,7 +26,7 @@ SHAREGPT_ROLES = {"system": SYSTEM, "human": USER, "user": USER, "gpt": ASSISTAN
 CHAT_ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A record does not have the shape its format needs; the message names file:line."""
 
 
@@ -101,14 +104,26 @@ class _Invalid(Exception):
 # --- raw records with line numbers ------------------------------------------------------------
 
 def iter_json_records(path: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for a JSONL file or a JSON array file."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        yield from _iter_json_array(path, text)
+    """(line number, parsed object) for a JSONL file or a JSON array file.
+
+    JSONL lines end at "\\n" only (as JSON and every JSONL writer mean them): U+2028, U+0085
+    and the other breaks str.splitlines() knows are text inside a record. A line that is not
+    UTF-8 or not JSON is yielded as a problem naming its column, for the caller to report."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise DataFormatError(f"{path}: cannot read: {err.strerror or err}") from None
+    if data.lstrip()[:1] == b"[":
+        yield from _iter_json_array(path, data)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield number, _BadJson(f"not valid UTF-8 (byte {err.start + 1} of the line: "
+                                   f"{raw[err.start:err.start + 1]!r})")
+            continue
         if not line.strip():
             continue
         try:
@@ -122,7 +137,14 @@ class _BadJson:
         self.problem = problem
 
 
-def _iter_json_array(path: str, text: str) -> Iterator[tuple[int, Any]]:
+def _iter_json_array(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        raise DataFormatError(f"{path}:{line}: not valid UTF-8 (byte {column} of the line)"
+                              ) from None
     decoder = json.JSONDecoder()
     index = text.index("[") + 1
     while True:
@@ -160,14 +182,17 @@ def _read(path: str, parse: Callable[[Any, str], T], skip_invalid: bool) -> Read
 
 # --- field helpers ----------------------------------------------------------------------------
 
-def _text(record: dict, field: str, *, allow_empty: bool = False) -> str:
+def _text(record: dict, field: str, *, allow_empty: bool = False, where: str = "") -> str:
+    """record[field] as a non-empty string; errors name `where.field` (the full path of a
+    nested field, e.g. conversations[1].value)."""
+    name = f"{where}.{field}" if where else field
     if field not in record:
-        raise _Invalid(field, "missing")
+        raise _Invalid(name, "missing")
     value = record[field]
     if not isinstance(value, str):
-        raise _Invalid(field, f"expected a string, got {type(value).__name__}")
+        raise _Invalid(name, f"expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
-        raise _Invalid(field, "empty")
+        raise _Invalid(name, "empty")
     return value
 
 
@@ -193,8 +218,8 @@ def _messages(items: Any, field: str, role_key: str, content_key: str,
         if role not in roles:
             raise _Invalid(f"{where}.{role_key}", f"unknown role {role!r}; expected one of "
                                                   f"{sorted(roles)}")
-        out.append(Message(roles[role], _text(item, content_key) if roles[role] != SYSTEM
-                           else _text(item, content_key, allow_empty=True)))
+        out.append(Message(roles[role], _text(item, content_key, where=where,
+                                              allow_empty=roles[role] == SYSTEM)))
     return tuple(out)
 
 
@@ -284,6 +309,20 @@ def read_prompts(path: str, *, skip_invalid: bool = False) -> ReadResult[Prompt]
     return _read(path, parse_prompt, skip_invalid)
 
 
+# --- model outputs (AlpacaEval) ---------------------------------------------------------------
+
+def parse_output(record: dict, source: str = "") -> dict:
+    """An AlpacaEval model output: the record itself, once `instruction` (non-empty) and
+    `output` (possibly empty) are known to be strings; `generator`, `dataset` ... ride along."""
+    _text(record, "instruction")
+    _text(record, "output", allow_empty=True)
+    return record
+
+
+def read_outputs(path: str, *, skip_invalid: bool = False) -> ReadResult[dict]:
+    return _read(path, parse_output, skip_invalid)
+
+
 # --- writing (the synthetic suite and generated data use the same formats) ------------------
 
 def conversation_to_sharegpt(conversation: Conversation) -> dict:
@@ -296,11 +335,49 @@ def messages_to_json(messages: tuple[Message, ...]) -> list[dict]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
+# Line breaks other than "\n" that str.splitlines() (and readers built on it) split on; JSON
+# lets them stand unescaped inside strings, so a line holding one would read back as two.
+_OTHER_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def jsonl_line(record: Any) -> str:
+    """One JSONL line, newline included: UTF-8 text as is, except the line breaks other
+    than \\n, which are escaped so that every reader splits the file the same way."""
+    text = json.dumps(record, ensure_ascii=False)
+    for char, escaped in _OTHER_LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    return text + "\n"
+
+
+def read_appended_jsonl(path: str, key: str) -> dict[Any, dict]:
+    """The records of a JSONL file a job appends to as it goes (generated answers, sampled
+    responses, cached verdicts), by record[key]. A line a kill cut off — torn JSON, a torn
+    UTF-8 character, a missing final newline — is dropped and the file rewritten without it,
+    so later appends start on a clean line and the dropped record is simply redone."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        data = f.read()
+    records, good = {}, []
+    for raw in data.split(b"\n")[:-1]:  # the part after the last newline is incomplete
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            records[record[key]] = record
+            good.append(raw + b"\n")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            continue
+    if sum(map(len, good)) != len(data):
+        with open(path + ".partial", "wb") as f:
+            f.writelines(good)
+        os.replace(path + ".partial", path)
+    return records
+
+
 def write_jsonl(path: str, records: list[dict]) -> None:
     """Writes atomically (a temporary file renamed into place; concurrent writers of the
     same content, e.g. several hosts, cannot interleave)."""
     tmp = f"{path}.{os.getpid()}.partial"
     with open(tmp, "w", encoding="utf-8") as f:
         for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.write(jsonl_line(record))
     os.replace(tmp, path)

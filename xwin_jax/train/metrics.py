@@ -10,6 +10,8 @@ from typing import Mapping
 
 import jax
 
+from xwin_jax.data import formats
+
 # Dense bf16 peak per chip, for the MFU estimate; override with peak_tflops.
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0, "tpu v4": 275.0,
                "tpu v5p": 459.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v6": 918.0}
@@ -53,7 +55,7 @@ class MetricsWriter:
             return
         record = {"step": step, "time": round(time.time(), 3)}
         record.update({f"{prefix}/{k}": float(v) for k, v in scalars.items()})
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(formats.jsonl_line(record))
         self._jsonl.flush()
         if self._tb is not None:
             for key, value in scalars.items():

@@ -26,6 +26,7 @@ from xwin_jax.checkpoints.params import load_config, load_params
 from xwin_jax.data import converters, formats
 from xwin_jax.data.sft_data import SftData
 from xwin_jax.data.vocabulary import get_vocabulary
+from xwin_jax.errors import ConfigError
 from xwin_jax.generate import read_done
 from xwin_jax.models import heads
 from xwin_jax.models.config import LlamaConfig
@@ -60,8 +61,8 @@ def _check_sampling_settings(stage_dir: str, settings: dict) -> None:
             before = json.load(f)
         changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
         if changed:
-            raise ValueError(f"{os.path.join(stage_dir, SAMPLES_FILE)} was sampled with other "
-                             f"settings {changed} (before, now); move it away to start over")
+            raise ConfigError(f"{os.path.join(stage_dir, SAMPLES_FILE)} was sampled with other "
+                              f"settings {changed} (before, now); move it away to start over")
         return
     with open(path, "w") as f:
         json.dump(settings, f, indent=2)
@@ -112,10 +113,11 @@ def rejection_sample(stage_dir: str, prompts_path: str, policy_dir: str, reward_
     from tqdm import tqdm
 
     if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples}: need at least 1")
+        raise ConfigError(f"num_samples={num_samples}: need at least 1")
     if jax.process_count() > 1:
-        raise NotImplementedError("rejection sampling runs on one host for now (one writer of "
-                                  "samples.jsonl); shard over the devices of one host")
+        raise ConfigError("rejection sampling runs on one host for now (one writer of "
+                          "samples.jsonl)", hint="run one process and shard over its local "
+                                                 "devices")
     os.makedirs(stage_dir, exist_ok=True)
     vocab = get_vocabulary(vocabulary)
     prompts = formats.read_prompts(prompts_path).records[:max_prompts]
@@ -170,12 +172,11 @@ def rejection_sample(stage_dir: str, prompts_path: str, policy_dir: str, reward_
                 mine = results[k * num_samples:(k + 1) * num_samples]
                 scores = np.array([r["score"] for r in mine])
                 finished = np.array([r["finished"] for r in mine])
-                out.write(json.dumps({
+                out.write(formats.jsonl_line({
                     "index": index, "prompt": prompts[index].text,
                     "responses": [r["text"] for r in mine], "scores": scores.tolist(),
                     "finished": finished.tolist(),
-                    "best": best_index(scores, finished, threshold)},
-                    ensure_ascii=False) + "\n")
+                    "best": best_index(scores, finished, threshold)}))
             out.flush()
             bar.update(len(chunk))
     bar.close()
@@ -196,8 +197,8 @@ def rejection_sample(stage_dir: str, prompts_path: str, policy_dir: str, reward_
             conversation.messages + (formats.Message(formats.ASSISTANT,
                                                      record["responses"][record["best"]]),))))
     if not winners:
-        raise ValueError(f"{samples_path}: no prompt has a finished response above the "
-                         f"threshold ({threshold}); lower it or raise max_new_tokens")
+        raise ConfigError(f"{samples_path}: no prompt has a finished response above the "
+                          f"threshold ({threshold}); lower it or raise max_new_tokens")
     formats.write_jsonl(os.path.join(stage_dir, BEST_FILE), winners)
     selection = {"prompts": len(done), "kept": len(winners), "num_samples": num_samples,
                  "mean_score": float(np.mean(mean_scores)),  # finished responses, kept prompts

@@ -82,6 +82,26 @@ def test_train_dpo_starts_at_log2_caches_the_reference_and_learns(setup, tmp_pat
                       init_params_dir=str(root / "policy"))
 
 
+def test_a_reference_retrained_into_the_same_directory_is_not_taken_for_the_old(setup,
+                                                                                 tmp_path):
+    root, pairs = setup
+    policy = tmp_path / "policy"
+    params = llama.init_params(CFG, jax.random.key(0))
+    save_params(str(policy), CFG, params)
+    data = lambda: PairsData([pairs], seq_len=320, batch_size=8)  # noqa: E731
+    kwargs = dict(init_params_dir=str(policy), learning_rate=1e-3, async_checkpoints=False)
+    dpo.train_dpo(str(tmp_path / "run"), CFG, 1, data(), **kwargs)
+    os.remove(tmp_path / "run" / "dpo" / "summary.json")  # a run that had not finished
+    save_params(str(policy), CFG, params)  # the same weights saved again: the cache holds
+    assert dpo.train_dpo(str(tmp_path / "run"), CFG, 1, data(), **kwargs)["steps"] == 1
+    os.remove(tmp_path / "run" / "dpo" / "summary.json")
+    retrained = jax.tree.map(lambda x: x + 1e-3, params)  # same path, same shapes, new values
+    save_params(str(policy), CFG, retrained)
+    with pytest.raises(ValueError, match="reference policy") as err:
+        dpo.train_dpo(str(tmp_path / "run"), CFG, 1, data(), **kwargs)
+    assert "new WORKDIR" in err.value.hint
+
+
 def _fewer_pairs(pairs, tmp_path):
     path = tmp_path / "fewer.jsonl"
     with open(pairs) as f, open(path, "w") as out:

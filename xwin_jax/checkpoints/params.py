@@ -1,7 +1,9 @@
 """A params-only checkpoint: `DIR/model_config.json` plus orbax `DIR/params/`.
 
 The hand-off format between stages inside the project (HF import writes it, HF export and
-every stage that starts from a model read it).
+every stage that starts from a model read it). `DIR/params_digest.json` records a digest of
+the parameter values (checkpoints/digest.py), so a cache built from a checkpoint (DPO's reference log-probs) can tell
+a retrained checkpoint in the same directory from the one it was built from.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from xwin_jax.checkpoints import digest
 from xwin_jax.checkpoints.safetensors_io import CheckpointError
 from xwin_jax.models import llama
 from xwin_jax.models.config import LlamaConfig
 
 MODEL_CONFIG_FILE = "model_config.json"
 HEAD_FILE = "head.json"
+DIGEST_FILE = "params_digest.json"
 PARAMS_DIR = "params"
 
 
@@ -28,15 +32,27 @@ def save_params(directory: str, cfg: LlamaConfig, params: Any, head: str = "lm")
     {"model", "score"}); the params directory is replaced if it exists."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
+    if jax.process_index() == 0:  # an overwrite killed midway must not look complete
+        for stale in (MODEL_CONFIG_FILE, DIGEST_FILE):
+            if os.path.exists(os.path.join(directory, stale)):
+                os.remove(os.path.join(directory, stale))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
     checkpointer.wait_until_finished()
+    digest_params = digest.params_digest(params)  # every host takes part (sharded leaves)
     # The config goes last (one writer): its presence marks a complete checkpoint.
     if jax.process_index() == 0:
         with open(os.path.join(directory, HEAD_FILE), "w") as f:
             json.dump({"head": head}, f)
+        with open(os.path.join(directory, DIGEST_FILE), "w") as f:
+            json.dump({"params_digest": digest_params, "algorithm": digest.ALGORITHM}, f)
         with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
+
+
+def checkpoint_digest(directory: str) -> str:
+    """The digest of a checkpoint's parameter values (see checkpoints/digest.py)."""
+    return digest.checkpoint_digest(directory, DIGEST_FILE, PARAMS_DIR)
 
 
 def load_config(directory: str) -> LlamaConfig:

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xwin_jax.checkpoints.params import save_params
+from xwin_jax.checkpoints.params import checkpoint_digest, save_params
+from xwin_jax.errors import ConfigError
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.llama import Llama
 from xwin_jax.partitioning import Partitioner
@@ -63,7 +64,7 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
             - label_smoothing * jax.nn.log_sigmoid(-beta * h)
     if loss_type == "ipo":
         return jnp.square(h - 1.0 / (2.0 * beta))
-    raise ValueError(f"loss_type={loss_type!r}: choose 'sigmoid' or 'ipo'")
+    raise ConfigError(f"loss_type={loss_type!r}: choose 'sigmoid' or 'ipo'")
 
 
 def dpo_loss_fn(cfg: LlamaConfig, beta: float = 0.1, loss_type: str = "sigmoid",
@@ -112,9 +113,10 @@ def reference_logprobs(logprob_fn, partitioner: Partitioner, arrays: dict[str, n
     return out
 
 
-def _fingerprint(arrays: dict[str, np.ndarray], reference_dir: str | None) -> str:
-    """What the cached reference log-probs depend on: the tokenized pairs and the policy."""
-    digest = hashlib.sha256(os.path.abspath(reference_dir or "").encode())
+def _fingerprint(arrays: dict[str, np.ndarray], reference_dir: str) -> str:
+    """What the cached reference log-probs depend on: the tokenized pairs and the reference
+    policy's contents (not its path: a policy retrained into the same directory differs)."""
+    digest = hashlib.sha256(checkpoint_digest(reference_dir).encode())
     for key in ("chosen_tokens", "rejected_tokens", "chosen_response_mask",
                 "rejected_response_mask"):
         digest.update(np.ascontiguousarray(arrays[key]).tobytes())
@@ -137,8 +139,8 @@ def train_dpo(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
     if done is not None:
         return done
     if not (init_hf_dir or init_params_dir):
-        raise ValueError("DPO starts from a policy: set init_params_dir (e.g. WORKDIR/sft/final)"
-                         " or init_hf_dir; it is also the reference")
+        raise ConfigError("DPO starts from a policy: set init_params_dir (e.g. WORKDIR/sft/final)"
+                          " or init_hf_dir; it is also the reference")
     started = time.perf_counter()
     partitioner = partitioner or Partitioner()
     cfg = initial_model(model, init_hf_dir, init_params_dir)
@@ -154,8 +156,11 @@ def train_dpo(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
         with np.load(reference_path) as cached:
             reference = {k: cached[k] for k in cached.files}
         if str(reference.pop("fingerprint", "")) != fingerprint:
-            raise ValueError(f"{reference_path} was computed for other pairs, seq_len or "
-                             f"reference policy; delete it to recompute")
+            raise ConfigError(
+                f"{reference_path} was computed for other pairs, seq_len or reference policy "
+                f"(the reference's contents changed, or the pairs did)",
+                hint=f"train into a new WORKDIR (or stage), or delete {stage_dir} to start "
+                     f"this stage over: its checkpoints were trained against the old reference")
     if reference is None:
         reference_params = initial_params(setup, init_hf_dir, init_params_dir)
         reference_params = jax.tree.map(

@@ -58,12 +58,27 @@ def hf_model_dir(tmp_path):
 
 # --- a fake OpenAI-compatible judge on loopback (annotation and evaluation tests) ---------
 
-class FakeJudge:
-    """Scripted verdicts (the shorter answer wins by 5) and, for the first calls, faults."""
+TRAILING_LIST = '\n\n[{"model": "model_1", "rank": 1}, {"model": "model_2", "rank": 2}]'
+GARBAGE = "Both answers have their merits; I cannot decide between them."
 
-    def __init__(self, faults):
+
+class FakeJudge:
+    """Scripted verdicts (the shorter answer wins by 5) and, for the first calls, faults.
+
+    faults: consumed one per request, in arrival order ("429", "500", "timeout", "401", "400",
+    "malformed", "truncated", "truncated_complete", "garbage", "trailing_list", "empty").
+    by_prompt: {prompt: [faults]} consumed first by the requests about that prompt.
+    style: how a healthy request is answered: "json" (only the verdict), "trailing_list" (the
+    verdict, then an AlpacaEval-style ranking list), "prose" (braces in prose around it, a
+    JSON object without verdict fields first), "fenced" (``` fences) or "garbage" (no JSON).
+    prompt_calls counts the requests per prompt."""
+
+    def __init__(self, faults, by_prompt=None, style="json"):
         self.faults = list(faults)
+        self.by_prompt = {k: list(v) for k, v in (by_prompt or {}).items()}
+        self.style = style
         self.calls = 0
+        self.prompt_calls = {}
         self.lock = threading.Lock()
 
     def app(self):
@@ -76,56 +91,90 @@ class FakeJudge:
 
         @app.post("/v1/chat/completions")
         async def chat(body: dict):
+            text = body["messages"][-1]["content"]
+            prompt = re.search(r"\[User request\]\n(.*?)\n\n\[Answer A\]", text,
+                               re.DOTALL).group(1)
             with self.lock:
                 self.calls += 1
-                fault = self.faults.pop(0) if self.faults else None
+                self.prompt_calls[prompt] = self.prompt_calls.get(prompt, 0) + 1
+                own = self.by_prompt.get(prompt)
+                if own:
+                    fault = own.pop(0)
+                else:
+                    fault = self.faults.pop(0) if self.faults else None
             if fault == "429":
                 return JSONResponse({"error": {"message": "slow down"}}, status_code=429,
                                     headers={"retry-after": "0"})
             if fault == "500":
                 return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+            if fault == "401":
+                return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
+            if fault == "400":  # what OpenAI answers for a prompt over the model's context
+                return JSONResponse({"error": {"message": "maximum context length exceeded",
+                                               "code": "context_length_exceeded"}},
+                                    status_code=400)
             if fault == "timeout":
                 await asyncio.sleep(1.5)
-            text = body["messages"][-1]["content"]
             a = re.search(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]", text, re.DOTALL).group(1)
             b = re.search(r"\[Answer B\]\n(.*?)\n\nWhich answer", text, re.DOTALL).group(1)
             better = "A" if len(a) < len(b) else "B"
             content = json.dumps({"better": better, "rating_a": 9 if better == "A" else 4,
                                   "rating_b": 9 if better == "B" else 4, "reason": "shorter"})
             finish = "stop"
+            style = fault if fault in ("trailing_list", "garbage") else self.style
+            if style == "trailing_list":
+                content += TRAILING_LIST
+            elif style == "prose":
+                content = (f"Answer B uses {{braces}}; a note {{\"x\": 1}} first. {content} "
+                           "Then {more braces}.")
+            elif style == "fenced":
+                content = f"Here is my verdict:\n```json\n{content}\n```"
+            elif style == "garbage":
+                content = GARBAGE
             if fault == "malformed":
                 content = '{"better": "A", "rating_a": 9,'
             if fault == "truncated":
                 content, finish = content[:20], "length"
+            if fault == "truncated_complete":  # cut off after the verdict: still usable
+                content, finish = content + " Because answer A is", "length"
+            choices = [{"index": 0, "finish_reason": finish,
+                        "message": {"role": "assistant", "content": content}}]
             return {"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
-                    "choices": [{"index": 0, "finish_reason": finish,
-                                 "message": {"role": "assistant", "content": content}}],
+                    "choices": [] if fault == "empty" else choices,
                     "usage": {"prompt_tokens": 100, "completion_tokens": 20,
                               "total_tokens": 120}}
 
         return app
 
 
-@pytest.fixture
-def fake_judge():
+def serve_on_loopback(app):
+    """Starts an ASGI app with uvicorn on a free 127.0.0.1 port in a daemon thread; returns
+    (server, port). Set server.should_exit = True to stop it."""
     import uvicorn
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, port
+
+
+@pytest.fixture
+def fake_judge():
     servers = []
 
-    def start(faults):
-        fake = FakeJudge(faults)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(fake.app(), host="127.0.0.1", port=port,
-                                               log_level="error"))
-        threading.Thread(target=server.run, daemon=True).start()
-        while not server.started:
-            time.sleep(0.02)
+    def start(faults=(), *, by_prompt=None, style="json", **judge_options):
+        """(FakeJudge, OpenAIJudge pointed at it); judge_options override the judge's."""
+        fake = FakeJudge(faults, by_prompt, style)
+        server, port = serve_on_loopback(fake.app())
         servers.append(server)
         from xwin_jax.annotate import judge as judge_lib
-        judge = judge_lib.OpenAIJudge(model="fake-gpt-4", base_url=f"http://127.0.0.1:{port}/v1",
-                                      api_key="sk-secret-test", timeout_s=0.5, backoff_s=0.01)
+        options = dict(model="fake-gpt-4", base_url=f"http://127.0.0.1:{port}/v1",
+                       api_key="sk-secret-test", timeout_s=0.5, backoff_s=0.01)
+        judge = judge_lib.OpenAIJudge(**{**options, **judge_options})
         return fake, judge
 
     yield start

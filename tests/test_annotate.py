@@ -5,32 +5,43 @@ import json
 import jax
 import pytest
 
+from conftest import GARBAGE
 from xwin_jax.annotate import judge as judge_lib
 from xwin_jax.annotate import pairs as pairs_lib
 from xwin_jax.checkpoints.params import save_params
 from xwin_jax.data import formats, synthetic
+from xwin_jax.errors import UserError
 from xwin_jax.models import llama
 
 ITEMS = [(f"Question {i}?", "short" * (1 + i % 2), "a much longer answer " * (2 + i))
          for i in range(6)]
-FAULTS = ["429", "500", "timeout", "malformed", "truncated"]
+TRANSPORT_FAULTS = ["429", "500", "timeout"]
+# Replies that arrive but cannot be used once (asked again, then judged), and one cut off
+# after a complete verdict (accepted at once).
+REPLY_FAULTS = {"Question 1?": ["malformed"], "Question 4?": ["truncated"],
+                "Question 2?": ["truncated_complete"]}
+VERDICT = {"better": "B", "rating_a": 3, "rating_b": 8, "reason": "B is right"}
 
 
 def test_faults_are_retried_and_every_pair_is_judged_once(fake_judge, tmp_path):
-    fake, judge = fake_judge(FAULTS)
+    fake, judge = fake_judge(TRANSPORT_FAULTS, by_prompt=REPLY_FAULTS)
     cache = str(tmp_path / "cache.jsonl")
-    verdicts = pairs_lib.judge_pairs(ITEMS, judge, cache, concurrency=2)
+    verdicts, unjudged = pairs_lib.judge_pairs(ITEMS, judge, cache, concurrency=2)
+    assert unjudged == []
     assert [v["better"] for v in verdicts] == ["A"] * 6  # the short answer is always A here
     assert all(v["rating_a"] == 9 and v["rating_b"] == 4 for v in verdicts)
     records = [json.loads(line) for line in open(cache)]
     assert len(records) == len({r["key"] for r in records}) == 6
     assert {r["swapped"] for r in records} == {True, False}  # both orders were shown
-    assert judge.usage["retries"] >= len(FAULTS)
+    # Transport retries and parse retries are counted apart; replies are what was paid for.
+    assert judge.usage["retries"] == len(TRANSPORT_FAULTS)
+    assert judge.usage["parse_retries"] == 2
+    assert judge.usage["calls"] == 6 + 2 and fake.calls == 6 + 2 + len(TRANSPORT_FAULTS)
     assert judge.usage["prompt_tokens"] == 100 * judge.usage["calls"]
     assert "sk-secret-test" not in repr(judge)
     calls = fake.calls
     again = pairs_lib.judge_pairs(ITEMS, judge, cache)  # all cached: no new calls
-    assert again == verdicts and fake.calls == calls
+    assert again.verdicts == verdicts and fake.calls == calls
 
 
 def test_a_killed_run_resumes_to_the_same_result(fake_judge, tmp_path):
@@ -46,13 +57,172 @@ def test_a_killed_run_resumes_to_the_same_result(fake_judge, tmp_path):
     assert len(keys) == len(set(keys)) == 6
 
 
+# --- parse_verdict --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reply", [
+    json.dumps(VERDICT),  # only the JSON
+    "  " + json.dumps(VERDICT) + "\n",
+    # an AlpacaEval-style ranking list after the verdict (a greedy {.*} read "Extra data")
+    json.dumps(VERDICT) + '\n\n[{"model": "m", "rank": 1}, {"model": "M", "rank": 2}]',
+    # prose with braces before and after
+    f"Answer A uses {{braces}} wrongly. {json.dumps(VERDICT)} Then {{more}}.",
+    # a JSON object without the verdict fields before the real one
+    '{"model": "m", "rank": 1} ' + json.dumps(VERDICT),
+    '{"analysis": {"A": "wrong"}}\n' + json.dumps(VERDICT) + '\n{"note": 1}',
+    "```json\n" + json.dumps(VERDICT, indent=2) + "\n```",
+    "Verdict:\n```\n" + json.dumps(VERDICT) + "\n```\nThanks {x}",
+    # the verdict nested in another object
+    json.dumps({"verdict": VERDICT}),
+])
+def test_parse_verdict_finds_the_verdict_object(reply):
+    assert judge_lib.parse_verdict(reply) == {"better": "B", "rating_a": 3.0, "rating_b": 8.0,
+                                              "reason": "B is right"}
+
+
+def test_parse_verdict_keeps_nested_objects_in_reason():
+    reason = {"A": {"errors": ["off by one"]}, "B": {"errors": []}}
+    verdict = judge_lib.parse_verdict(json.dumps({**VERDICT, "reason": reason}) + " [1, {2}]")
+    assert verdict["better"] == "B" and json.loads(verdict["reason"]) == reason
+    braces = judge_lib.parse_verdict(json.dumps({**VERDICT, "reason": "B's {set} is right"}))
+    assert braces["reason"] == "B's {set} is right"
+
+
 def test_parse_verdict_rejects_what_it_cannot_use():
     assert judge_lib.parse_verdict('```json\n{"better": "b", "rating_a": 2, "rating_b": 8}\n```'
                                    )["better"] == "B"
-    for bad in ("no json", '{"better": "C", "rating_a": 1, "rating_b": 2}',
-                '{"better": "A", "rating_a": 11, "rating_b": 2}', '{"better": "A",'):
-        with pytest.raises(ValueError):
+    assert judge_lib.parse_verdict('{"better": "Tie", "rating_a": 5, "rating_b": 5.5}') == {
+        "better": "tie", "rating_a": 5.0, "rating_b": 5.5, "reason": ""}
+    for bad, why in (("no json", "no JSON object"),
+                     ('{"better": "C", "rating_a": 1, "rating_b": 2}', "'better' must be"),
+                     ('{"better": "A", "rating_a": 11, "rating_b": 2}', "'rating_a' must be"),
+                     ('{"better": "A", "rating_a": true, "rating_b": 2}', "'rating_a' must be"),
+                     ('{"better": "A", "rating_a": 9, "rating_b": "8"}', "'rating_b' must be"),
+                     ('{"better": "A",', "no complete JSON object"),
+                     ('{"better": "A", "rating_a": 9}', "no complete JSON object"),
+                     ('[{"model": "m", "rank": 1}]', "no complete JSON object")):
+        with pytest.raises(ValueError, match=why):
             judge_lib.parse_verdict(bad)
+
+
+# --- the judge's failures -------------------------------------------------------------------
+
+def test_a_reply_without_a_verdict_is_asked_once_more_then_unjudged(fake_judge, tmp_path):
+    fake, judge = fake_judge(by_prompt={"Question 3?": ["garbage", "garbage"],
+                                        "Question 0?": ["empty", "truncated"]})
+    verdicts, unjudged = pairs_lib.judge_pairs(ITEMS, judge, str(tmp_path / "c.jsonl"),
+                                               concurrency=3)
+    assert [v is None for v in verdicts] == [True, False, False, True, False, False]
+    assert fake.prompt_calls == {"Question 0?": 2, "Question 1?": 1, "Question 2?": 1,
+                                 "Question 3?": 2, "Question 4?": 1, "Question 5?": 1}
+    assert [u["index"] for u in unjudged] == [0, 3]
+    assert "cut off" in unjudged[0]["problem"] and unjudged[0]["replies"] == 2
+    assert unjudged[1]["reply"] == GARBAGE and unjudged[1]["prompt"] == "Question 3?"
+    assert judge.usage["parse_retries"] == 2 and judge.usage["retries"] == 0
+    assert len(open(tmp_path / "c.jsonl").readlines()) == 4  # unjudged pairs are not cached
+
+
+def test_an_unreachable_judge_stops_with_a_user_error_and_resumes(fake_judge, tmp_path):
+    fake, judge = fake_judge(by_prompt={"Question 5?": ["500"] * 3}, max_attempts=3)
+    cache = str(tmp_path / "c.jsonl")
+    with pytest.raises(judge_lib.JudgeError, match="unreachable") as caught:
+        pairs_lib.judge_pairs(ITEMS, judge, cache, concurrency=1)
+    assert isinstance(caught.value, UserError)
+    assert "5 of 6 pairs are judged and cached" in str(caught.value)
+    assert "the same command resumes" in str(caught.value)
+    assert fake.calls == 5 + 3 and judge.usage["retries"] == 2
+    _, healthy = fake_judge()
+    verdicts, unjudged = pairs_lib.judge_pairs(ITEMS, healthy, cache)
+    assert unjudged == [] and None not in verdicts and healthy.usage["calls"] == 1
+
+
+def test_a_refused_request_is_an_error_at_once(fake_judge, tmp_path):
+    fake, judge = fake_judge(["401"])
+    with pytest.raises(judge_lib.JudgeError, match=r"refused \(401\)") as caught:
+        pairs_lib.judge_pairs(ITEMS, judge, str(tmp_path / "c.jsonl"), concurrency=1)
+    assert "0 of 6 pairs" in str(caught.value) and caught.value.hint
+    assert fake.calls == 1  # nothing else was sent
+
+
+def test_a_fatal_error_stops_the_retries_in_flight_at_once(fake_judge, tmp_path):
+    """One pair's request waits 30 s to retry a 500 when another's gets a 401: the job stops
+    at once, not after the backoff."""
+    import time
+
+    fake, judge = fake_judge(by_prompt={ITEMS[0][0]: ["500"] * 5, ITEMS[1][0]: ["401"]},
+                             backoff_s=30.0)
+    began = time.perf_counter()
+    with pytest.raises(judge_lib.JudgeError, match=r"refused \(401\)"):
+        pairs_lib.judge_pairs(ITEMS, judge, str(tmp_path / "c.jsonl"), concurrency=2)
+    assert time.perf_counter() - began < 10
+    assert not judge.stop_event.is_set()  # the judge can be used again
+
+
+def test_a_request_the_judge_refuses_leaves_that_pair_unjudged_and_the_rest_goes_on(
+        fake_judge, tmp_path):
+    """A 400 (e.g. a pair over the judge's context) is about one request: asking again gets
+    the same answer, so it is not asked again, and it does not stop the other pairs."""
+    fake, judge = fake_judge(by_prompt={ITEMS[2][0]: ["400"]})
+    result = pairs_lib.judge_pairs(ITEMS, judge, str(tmp_path / "c.jsonl"), concurrency=2)
+    assert [v is None for v in result.verdicts] == [False, False, True, False, False, False]
+    assert fake.prompt_calls[ITEMS[2][0]] == 1 and fake.calls == 6
+    (unjudged,) = result.unjudged
+    assert "refused this request (400)" in unjudged["problem"]
+    assert "context length" in unjudged["reply"]
+
+
+# --- the job's files ------------------------------------------------------------------------
+
+PROMPTS = [formats.parse_prompt({"prompt": p}) for p, _, _ in ITEMS]
+RESPONSES = [[a for _, a, _ in ITEMS], [b for _, _, b in ITEMS]]
+
+
+def test_a_judge_that_appends_a_ranking_list_judges_every_pair_once(fake_judge, tmp_path):
+    fake, judge = fake_judge(style="trailing_list")
+    summary = pairs_lib.annotate_responses(PROMPTS, RESPONSES, str(tmp_path), judge)
+    assert (summary["judged"], summary["unjudged"], summary["pairs"]) == (6, 0, 6)
+    assert fake.calls == 6 and set(fake.prompt_calls.values()) == {1}
+    pairs = formats.read_pairs(summary["pairs_file"]).records
+    assert [p.chosen for p in pairs] == RESPONSES[0] and open(summary["unjudged_file"]).read() == ""
+
+
+def test_an_unjudged_pair_is_listed_and_a_rerun_asks_only_for_it(fake_judge, tmp_path, capsys):
+    healthy_dir, out = tmp_path / "healthy", tmp_path / "out"
+    _, healthy = fake_judge()
+    pairs_lib.annotate_responses(PROMPTS, RESPONSES, str(healthy_dir), healthy)
+    fake, judge = fake_judge(style="trailing_list", by_prompt={"Question 3?": ["garbage"] * 2})
+    summary = pairs_lib.annotate_responses(PROMPTS, RESPONSES, str(out), judge)
+    assert (summary["judged"], summary["unjudged"], summary["pairs"]) == (5, 1, 5)
+    assert fake.prompt_calls["Question 3?"] == 2 and fake.calls == 5 + 2
+    assert summary["judge_usage_this_run"]["parse_retries"] == 1
+    assert json.load(open(out / "summary.json"))["unjudged"] == 1
+    [record] = [json.loads(line) for line in open(out / pairs_lib.UNJUDGED_FILE)]
+    assert (record["prompt_index"], record["prompt"], record["reply"]) == (3, "Question 3?",
+                                                                            GARBAGE)
+    assert "no JSON object" in record["problem"]
+    assert "Question 3?" not in open(out / pairs_lib.PAIRS_FILE).read()
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith(f"[annotate] 1 pair unjudged (see {out / 'unjudged.jsonl'})")
+    # A healthy rerun pays for the unjudged pair only; then the file is the full one.
+    fake, judge = fake_judge()
+    summary = pairs_lib.annotate_responses(PROMPTS, RESPONSES, str(out), judge)
+    assert fake.prompt_calls == {"Question 3?": 1} and summary["unjudged"] == 0
+    assert (out / "pairs.jsonl").read_bytes() == (healthy_dir / "pairs.jsonl").read_bytes()
+    assert (out / pairs_lib.UNJUDGED_FILE).read_text() == ""
+
+
+def test_a_killed_job_reruns_to_a_byte_identical_pairs_file(fake_judge, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _, judge = fake_judge(style="prose")
+    pairs_lib.annotate_responses(PROMPTS, RESPONSES, str(full), judge)
+    killed.mkdir()
+    # What kill -9 leaves: three verdicts appended, the fourth cut off mid-line.
+    lines = open(full / pairs_lib.CACHE_FILE).readlines()
+    (killed / pairs_lib.CACHE_FILE).write_text("".join(lines[:3]) + lines[3][:25])
+    fake, judge = fake_judge(style="fenced")
+    pairs_lib.annotate_responses(PROMPTS, RESPONSES, str(killed), judge)
+    assert fake.calls == 3  # only the pairs not cached
+    assert (killed / "pairs.jsonl").read_bytes() == (full / "pairs.jsonl").read_bytes()
+    assert len((killed / pairs_lib.CACHE_FILE).read_text().split("\n")) == 6 + 1
 
 
 def test_annotate_job_with_the_rule_judge_writes_readable_pairs(tmp_path, capsys):

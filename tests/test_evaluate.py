@@ -8,11 +8,14 @@ import math
 import jax
 import numpy as np
 import pytest
+import scipy.optimize
 
+from conftest import GARBAGE
 from xwin_jax.annotate.judge import RuleJudge
 from xwin_jax.checkpoints.params import save_params
 from xwin_jax.data import formats, synthetic, template
 from xwin_jax.data.vocabulary import get_vocabulary
+from xwin_jax.errors import UserError
 from xwin_jax.evaluate import pairwise, winrate
 from xwin_jax.models import heads, llama
 
@@ -31,19 +34,105 @@ def test_length_controlled_win_rate_by_hand():
     prefs = [2, 2, 1, 1.5, 2]
     assert winrate.length_controlled_win_rate(prefs, [5] * 5, [5] * 5) == pytest.approx(
         winrate.win_rate(prefs)[0], abs=1e-6)
-    # Two groups at x = +-tanh(1) with win means .8 (model longer) and .4 (model shorter): the
-    # saturated fit gives a = (logit .8 + logit .4) / 2.
+    # Two groups at x = +-c with win means .8 (model longer) and .4 (model shorter): without
+    # the ridge, the saturated fit gives a = (logit .8 + logit .4) / 2 whatever c is.
     prefs = [2, 2, 2, 2, 1] + [2, 2, 1, 1, 1]
     model = [110] * 5 + [90] * 5
     reference = [100] * 10
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     expected = 100 / (1 + math.exp(-(logit(0.8) + logit(0.4)) / 2))
-    assert winrate.length_controlled_win_rate(prefs, model, reference) == pytest.approx(
-        expected, abs=1e-4)
+    assert winrate.length_controlled_win_rate(prefs, model, reference, ridge=0.0) == (
+        pytest.approx(expected, abs=1e-6))
     assert winrate.win_rate(prefs)[0] == pytest.approx(60.0)
     row = winrate.leaderboard_row(prefs, model, reference)
     assert (row["n_wins"], row["n_wins_base"], row["n_draws"], row["n_total"]) == (6, 4, 0, 10)
-    assert row["avg_length"] == 100 and set(row) == set(winrate.LEADERBOARD_COLUMNS)
+    assert row["avg_length"] == 100 and row["n_unjudged"] == 0
+    assert set(row) == {*winrate.LEADERBOARD_COLUMNS, "n_unjudged"}
+
+
+def _reference_lc(preferences, model_lengths, reference_lengths, ridge):
+    """The same model fitted independently: scipy's BFGS on the penalised soft-label
+    log-likelihood, with the length feature built from numpy by hand."""
+    y = np.asarray(preferences, float) - 1
+    d = np.asarray(model_lengths, float) - np.asarray(reference_lengths, float)
+    x = np.tanh(d / np.sqrt(np.sum((d - d.mean()) ** 2) / (len(d) - 1)))
+
+    def loss(w):
+        eta = w[0] + w[1] * x
+        return -np.sum(y * eta - np.log1p(np.exp(eta))) + ridge * w[1] ** 2 / 2
+
+    w = scipy.optimize.minimize(loss, np.zeros(2), method="BFGS", options={"gtol": 1e-10}).x
+    return 100 / (1 + np.exp(-w[0]))
+
+
+# (preferences, model lengths, reference lengths) and the LC that scikit-learn 1.9's
+# LogisticRegression(C=1, lbfgs, tol=1e-12) gives on tanh(delta / std) with soft labels as
+# weighted duplicated rows (computed outside the project's environment).
+LC_CASES = [
+    (([2, 2, 2, 2, 1] + [2, 2, 1, 1, 1], [110] * 5 + [90] * 5, [100] * 10), 60.55734318080966),
+    (([2, 1, 1.5, 2, 2, 1, 2, 1.5, 1, 2, 2, 2],
+      [120, 80, 100, 300, 95, 60, 150, 100, 40, 210, 130, 99], [100] * 12), 64.31768087942449),
+    (([2, 1], [110, 70], [100, 100]), 52.71038217895362),  # perfectly length-separated
+]
+
+
+@pytest.mark.parametrize("case,sklearn_lc", LC_CASES)
+def test_length_controlled_fit_matches_independent_fits(case, sklearn_lc):
+    lc = winrate.length_controlled_win_rate(*case)
+    assert lc == pytest.approx(sklearn_lc, abs=1e-5)
+    assert lc == pytest.approx(_reference_lc(*case, ridge=winrate.SLOPE_RIDGE), abs=1e-4)
+
+
+def test_length_controlled_fit_on_a_larger_random_set():
+    rng = np.random.default_rng(1)
+    delta = rng.normal(0, 80, 300)
+    wins = rng.random(300) < 1 / (1 + np.exp(-(0.4 + 1.5 * np.tanh(delta / 80))))
+    prefs = np.where(rng.random(300) < 0.1, 1.5, 1.0 + wins)
+    model, reference = 500 + delta, np.full(300, 500.0)
+    lc = winrate.length_controlled_win_rate(prefs, model, reference)
+    assert lc == pytest.approx(_reference_lc(prefs, model, reference, 1.0), abs=1e-4)
+    # At this n the ridge hardly matters: close to the unpenalised maximum likelihood.
+    assert lc == pytest.approx(_reference_lc(prefs, model, reference, 0.0), abs=0.2)
+    assert 100 / (1 + np.exp(-0.4)) - 8 < lc < 100 / (1 + np.exp(-0.4)) + 8
+
+
+@pytest.mark.parametrize("prefs,model,reference,lc", [
+    ([2, 2, 2, 2], [10, 200, 30, 40], [50] * 4, 100.0),  # all model wins: the fit's limit
+    ([1, 1, 1], [10, 200, 30], [50] * 3, 0.0),           # all reference wins
+    ([1.5, 1.5, 1.5], [10, 200, 30], [50] * 3, 50.0),    # all draws
+    ([2], [10], [50], 100.0),                            # n = 1
+    ([1], [10], [50], 0.0),
+    ([1.5], [10], [50], 50.0),
+    ([2, 1, 2], [50] * 3, [50] * 3, 100 * 2 / 3),        # identical lengths
+    ([2, 1, 1.5, 1], [80] * 4, [50] * 4, 100 * 1.5 / 4),  # one length difference
+])
+def test_degenerate_inputs_give_the_documented_values(prefs, model, reference, lc):
+    assert winrate.length_controlled_win_rate(prefs, model, reference) == pytest.approx(lc)
+    row = winrate.leaderboard_row(prefs, model, reference)
+    assert row["length_controlled_winrate"] == pytest.approx(lc)
+    assert math.isnan(row["standard_error"]) == (len(prefs) == 1)
+
+
+def test_perfectly_length_separated_pairs_stay_near_the_raw_win_rate():
+    # The longer answer always won; the unpenalised fit has no maximum (it gave LC 97.5).
+    for model in ([110, 70], [101, 70], [130, 90], [110, 90]):
+        lc = winrate.length_controlled_win_rate([2, 1], model, [100, 100])
+        assert 40 < lc < 60 and math.isfinite(lc)
+    assert winrate.length_controlled_win_rate([2, 1], [110, 90], [100, 100]) == (
+        pytest.approx(50.0))  # symmetric: exactly the raw win rate
+
+
+def test_unjudged_preferences_are_left_out_and_counted():
+    prefs = [2, None, 1, float("nan"), 1.5, 2]
+    row = winrate.leaderboard_row(prefs, [10, 20, 30, 40, 50, 60], [35] * 6)
+    judged = winrate.leaderboard_row([2, 1, 1.5, 2], [10, 30, 50, 60], [35] * 4)
+    assert row["n_unjudged"] == 2 and row["n_total"] == 4
+    for key in ("win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws",
+                "length_controlled_winrate"):
+        assert row[key] == pytest.approx(judged[key]), key
+    assert row["avg_length"] == 35  # over every model output, as alpaca_eval
+    with pytest.raises(ValueError, match="no judged preferences"):
+        winrate.leaderboard_row([None, None], [1, 2], [3, 4])
 
 
 def test_order_randomisation_is_deterministic_and_balanced():
@@ -101,7 +190,13 @@ def test_evaluate_job_with_the_rule_judge(outputs, tmp_path):
     assert annotations[2]["rating_model"] == 10 and annotations[2]["rating_reference"] == 1
     with open(tmp_path / "eval" / pairwise.LEADERBOARD_FILE) as f:
         table = list(csv.DictReader(f))
-    assert table[0][""] == "aligned" and list(table[0])[1:] == list(winrate.LEADERBOARD_COLUMNS)
+    # AlpacaEval's columns first and unchanged, then ours.
+    assert table[0][""] == "aligned"
+    assert list(table[0])[1:] == [*winrate.LEADERBOARD_COLUMNS, *pairwise.EXTRA_COLUMNS]
+    assert table[0]["n_unjudged"] == "0" and table[0]["rm_win_rate"] == ""
+    summary = json.load(open(tmp_path / "eval" / pairwise.SUMMARY_FILE))
+    assert summary["win_rate"] == row["win_rate"] and summary["n_unjudged"] == 0
+    assert summary["judge"] == judge.model and summary["generator"] == "aligned"
     # A rerun is answered from the cache.
     again = CountingJudge()
     assert pairwise.evaluate_job(outputs["model"], outputs["reference"],
@@ -109,16 +204,18 @@ def test_evaluate_job_with_the_rule_judge(outputs, tmp_path):
     assert again.seen == []
 
 
-def test_reward_model_columns(outputs, tmp_path):
+def test_reward_model_columns(outputs, tmp_path, capsys):
     cfg = llama.preset("tiny", hidden_size=32, intermediate_size=64, num_layers=1)
     save_params(str(tmp_path / "rm"), cfg, heads.init_reward_params(cfg, jax.random.key(0)),
                 head="score")
     with open(tmp_path / "rm" / "reward_stats.json", "w") as f:
         json.dump({"mean": 0.5, "std": 2.0}, f)
+    out = tmp_path / "eval"
+    row = pairwise.evaluate_job(outputs["model"], outputs["reference"], str(out), RuleJudge(),
+                                reward_dir=str(tmp_path / "rm"), reward_seq_len=384,
+                                reward_batch_size=8)
     matched = pairwise.match_outputs(pairwise.read_outputs(outputs["model"]),
                                      pairwise.read_outputs(outputs["reference"]))
-    scores = pairwise.reward_model_scores(str(tmp_path / "rm"), matched, seq_len=384,
-                                          batch_size=8)
     # Each output scored alone, unpadded, through the chat template.
     params = heads.init_reward_params(cfg, jax.random.key(0))
     vocab = get_vocabulary("bytes")
@@ -136,21 +233,60 @@ def test_reward_model_columns(outputs, tmp_path):
 
     model = [alone(m["instruction"], m["output"]) for m, _ in matched]
     reference = [alone(r["instruction"], r["output"]) for _, r in matched]
-    assert scores["rm_mean_reward"] == pytest.approx(np.mean(model), abs=1e-4)
-    assert scores["rm_mean_reward_reference"] == pytest.approx(np.mean(reference), abs=1e-4)
     wins = [float(a > b) + 0.5 * (a == b)
             for a, b in zip(model, reference)]
     wins[0] = 0.5  # the identical pair
-    assert scores["rm_win_rate"] == pytest.approx(100 * np.mean(wins))
+    expected = {"rm_mean_reward": np.mean(model), "rm_mean_reward_reference": np.mean(reference),
+                "rm_win_rate": 100 * np.mean(wins)}
+    # In the returned row, summary.json, leaderboard.csv (after AlpacaEval's columns) and
+    # the printed lines.
+    summary = json.load(open(out / pairwise.SUMMARY_FILE))
+    with open(out / pairwise.LEADERBOARD_FILE) as f:
+        [table] = list(csv.DictReader(f))
+    assert list(table)[1:9] == list(winrate.LEADERBOARD_COLUMNS)
+    for key, value in expected.items():
+        assert row[key] == pytest.approx(value, abs=1e-4), key
+        assert summary[key] == row[key] and float(table[key]) == pytest.approx(row[key])
+    printed = capsys.readouterr().out
+    assert (f"[evaluate] reward model: mean reward {row['rm_mean_reward']:.3f} (reference "
+            f"{row['rm_mean_reward_reference']:.3f}), RM win rate {row['rm_win_rate']:.1f}"
+            in printed)
 
 
 def test_bad_outputs_files_name_the_problem(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"instruction": "x"}]))
-    with pytest.raises(ValueError, match="record 0 lacks"):
+    path.write_text('[{"instruction": "x", "output": "y"},\n {"instruction": "x"}]')
+    with pytest.raises(formats.DataFormatError, match=r"bad.json:2: field 'output': missing"):
         pairwise.read_outputs(str(path))
-    with pytest.raises(ValueError, match="no reference output"):
+    path.write_text('[{"instruction": "x", "output": "y"},\n {"instruction": }]')
+    with pytest.raises(formats.DataFormatError, match=r"bad.json:2: invalid JSON"):
+        pairwise.read_outputs(str(path))
+    path.write_text(json.dumps([["x", "y"]]))
+    with pytest.raises(UserError, match=r"bad.json:1: field '<record>': expected a JSON object"):
+        pairwise.read_outputs(str(path))
+    path.write_bytes(b'{"instruction": "x", "output": "y"}\n{"instruction": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"bad.json:2: field '<line>': not valid UTF-8"):
+        pairwise.read_outputs(str(path))
+    with pytest.raises(formats.DataFormatError, match="no reference output"):
         pairwise.match_outputs([{"instruction": "a", "output": "b"}], [])
+    with pytest.raises(UserError, match="cannot read"):
+        pairwise.read_outputs(str(tmp_path / "missing.json"))
+
+
+def test_jsonl_outputs_split_on_newlines_only(tmp_path):
+    records = [{"instruction": "one\u2028two", "output": "a\x85b\u2029c"},
+               {"instruction": "three", "output": "d\re"}]
+    path = tmp_path / "outputs.jsonl"
+    path.write_text(json.dumps(records[0], ensure_ascii=False) + "\n\n"
+                    + json.dumps(records[1], ensure_ascii=False) + "\n", encoding="utf-8")
+    assert pairwise.read_outputs(str(path)) == records
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"instruction": "four"}\n')
+    with pytest.raises(formats.DataFormatError, match=r"outputs.jsonl:4: field 'output': missing"):
+        pairwise.read_outputs(str(path))
+    path.write_text(json.dumps(records[1]) + "\n{not json\n")
+    with pytest.raises(formats.DataFormatError, match=r"outputs.jsonl:2: field '<line>': invalid JSON"):
+        pairwise.read_outputs(str(path))
 
 
 def test_evaluate_job_with_an_openai_compatible_judge(fake_judge, outputs, tmp_path):
@@ -176,3 +312,56 @@ def test_evaluate_job_with_an_openai_compatible_judge(fake_judge, outputs, tmp_p
                             "rm_mean_reward": None,
                             "sft_judge_score_in_comparison": row["mean_rating_reference"]}}
     assert f"| sft | {row['mean_rating_reference']:.2f} |" in table(results)
+
+
+def test_an_unjudged_instruction_is_reported_and_a_rerun_asks_only_for_it(
+        fake_judge, outputs, tmp_path, capsys):
+    """A judge that appends an AlpacaEval-style list to its verdict, and answers one
+    instruction with prose twice."""
+    model = pairwise.read_outputs(outputs["model"])
+    reference = pairwise.read_outputs(outputs["reference"])
+    bad = model[5]["instruction"]
+    fake, judge = fake_judge(style="trailing_list", by_prompt={bad: ["garbage", "garbage"]})
+    out = tmp_path / "eval"
+    row = pairwise.evaluate_job(outputs["model"], outputs["reference"], str(out), judge)
+    assert fake.calls == 10 + 2 and fake.prompt_calls[bad] == 2
+    assert set(v for k, v in fake.prompt_calls.items() if k != bad) == {1}
+    judged = [(m, r) for i, (m, r) in enumerate(zip(model, reference)) if i not in (0, 5)]
+    shorter = sum(len(m["output"]) < len(r["output"]) for m, r in judged)
+    assert (row["n_wins"], row["n_wins_base"], row["n_draws"]) == (shorter, 10 - shorter, 1)
+    assert (row["n_total"], row["n_unjudged"]) == (11, 1)
+    assert row["win_rate"] == pytest.approx(100 * (shorter + 0.5) / 11)
+    # annotations.json: alpaca_eval's mark for an annotation it could not parse (a null
+    # preference, which its get_winrate drops from the win rate and from n_total).
+    annotations = json.load(open(out / pairwise.ANNOTATIONS_FILE))
+    assert annotations[5]["preference"] is None and annotations[5]["reason"].startswith(
+        "unjudged: ")
+    kept = [a["preference"] - 1 for a in annotations if a["preference"] is not None]
+    assert len(kept) == row["n_total"] and 100 * np.mean(kept) == pytest.approx(row["win_rate"])
+    [record] = [json.loads(line) for line in open(out / "unjudged.jsonl")]
+    assert (record["index"], record["instruction"][:40], record["reply"]) == (5, bad[:40],
+                                                                              GARBAGE)
+    summary = json.load(open(out / pairwise.SUMMARY_FILE))
+    assert summary["n_unjudged"] == 1 and summary["n_total"] == 11
+    with open(out / pairwise.LEADERBOARD_FILE) as f:
+        assert [r["n_unjudged"] for r in csv.DictReader(f)] == ["1"]
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith(
+        f"[evaluate] 1 instruction unjudged (see {out / 'unjudged.jsonl'})")
+    assert "over 11 instructions" in printed[-2]
+    # A healthy rerun pays for that instruction only.
+    fake, judge = fake_judge()
+    row = pairwise.evaluate_job(outputs["model"], outputs["reference"], str(out), judge)
+    assert fake.prompt_calls == {bad: 1}
+    assert (row["n_total"], row["n_unjudged"]) == (12, 0)
+    assert (out / "unjudged.jsonl").read_text() == ""
+    assert "instruction unjudged" not in capsys.readouterr().out
+
+
+def test_nothing_judged_is_a_user_error(fake_judge, outputs, tmp_path):
+    fake, judge = fake_judge(style="garbage")
+    with pytest.raises(UserError, match="no instruction could be judged"):
+        pairwise.evaluate_job(outputs["model"], outputs["reference"], str(tmp_path), judge)
+    assert fake.calls == 11 * 2
+    assert len((tmp_path / "unjudged.jsonl").read_text().strip().split("\n")) == 11
+    assert not (tmp_path / pairwise.LEADERBOARD_FILE).exists()

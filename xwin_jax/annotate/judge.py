@@ -6,8 +6,24 @@ A verdict is {"better": "A" | "B" | "tie", "rating_a": 1-10, "rating_b": 1-10, "
                                                  # OPENAI_API_KEY unless given; never logged
     RuleJudge()                                  # the synthetic suite's verifiable judge
 
-OpenAIJudge retries 429s (honouring Retry-After), 5xx, timeouts, connection errors, malformed
-JSON and truncated answers with exponential backoff, and counts tokens for cost accounting.
+The verdict in a reply is the first JSON object that parses and carries the fields "better",
+"rating_a" and "rating_b" (found by decoding from each "{", so prose, ``` fences, or an
+AlpacaEval-style ranking list after the object do not matter; `parse_verdict`).
+
+OpenAIJudge tells two kinds of failure apart:
+
+- transport: 429 (honouring Retry-After), 5xx, timeouts and connection errors are retried with
+  exponential backoff and jitter, up to `max_attempts` requests; then the judge is unreachable
+  and `compare` raises JudgeError (a UserError). A refused request (any other 4xx, e.g. 401 for
+  a bad key) is a JudgeError at once.
+- a reply that arrived but holds no usable verdict (no parsable verdict object; cut off with
+  finish_reason 'length' before the verdict was complete — a cut-off reply that still holds a
+  complete verdict is accepted): asked again `max_parse_retries` times (default once: a
+  temperature-0 judge tends to repeat itself), then `compare` raises UnusableReply, which the
+  callers (annotate/pairs.py `judge_pairs`) record as an unjudged pair and go on.
+
+`usage` counts replies (`calls`, the paid requests), tokens, transport `retries` and
+`parse_retries` separately.
 """
 
 from __future__ import annotations
@@ -15,13 +31,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import random
 import threading
-import time
-from typing import Any
+from typing import Any, Iterator
 
 from xwin_jax.data.synthetic import RuleJudge as SyntheticRuleJudge
+from xwin_jax.errors import UserError
+from xwin_jax.redaction import register_secret
 
 JUDGE_PROMPT_VERSION = "xwin-pair-v1"
 JUDGE_SYSTEM = ("You are a careful, impartial judge of AI assistant answers. You compare two "
@@ -39,37 +55,74 @@ Which answer is better, and by how much? Rate each answer from 1 (useless or wro
 (correct, helpful and concise). Reply with only a JSON object:
 {{"better": "A" or "B" or "tie", "rating_a": <1-10>, "rating_b": <1-10>, "reason": "<one sentence>"}}"""
 
+VERDICT_FIELDS = ("better", "rating_a", "rating_b")
+_DECODER = json.JSONDecoder()
 
-class JudgeError(RuntimeError):
-    """A judgment could not be obtained after every retry."""
+
+class JudgeError(UserError, RuntimeError):
+    """The judge cannot be used: refused requests, or unreachable after every retry."""
+
+
+# HTTP statuses about one request (too long for the judge's context, a content filter, a
+# body it cannot process): that pair stays unjudged and the job goes on. Statuses worth a
+# retry are retried like 5xx; any other 4xx (401 bad key, 403, 404 wrong model or URL) is
+# about every request and stops the job.
+REQUEST_REFUSED = (400, 413, 422)
+TRANSIENT = (408, 409)
+
+
+class UnusableReply(ValueError):
+    """A reply arrived but held no usable verdict, also when asked again: the pair stays
+    unjudged. `problem` says why; `reply` is the last reply's text; `replies` how many came."""
+
+    def __init__(self, problem: str, reply: str, replies: int):
+        super().__init__(f"no usable verdict in {replies} replies: {problem}")
+        self.problem, self.reply, self.replies = problem, reply, replies
 
 
 def render_prompt(prompt: str, response_a: str, response_b: str) -> str:
     return JUDGE_TEMPLATE.format(prompt=prompt, response_a=response_a, response_b=response_b)
 
 
+def _json_objects(text: str) -> Iterator[dict]:
+    """Every JSON object in `text` that decodes, outer before inner, in order of its "{"."""
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, _ = _DECODER.raw_decode(text, start)
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, dict):
+            yield value
+        start = text.find("{", start + 1)
+
+
 def parse_verdict(text: str) -> dict:
-    """The verdict in a judge's reply (a JSON object, possibly inside ``` fences or prose);
-    ValueError when there is none or it is incomplete."""
-    match = re.search(r"\{.*\}", text, re.DOTALL)
-    if not match:
+    """The verdict in a judge's reply: the first JSON object that parses and has the fields
+    "better", "rating_a" and "rating_b" (anything around it — prose, ``` fences, an
+    AlpacaEval-style ranking list, other JSON objects — is ignored). ValueError when there is
+    none, or when that object's values are out of range."""
+    if "{" not in text:
         raise ValueError("no JSON object in the judge's answer")
-    try:
-        verdict = json.loads(match.group(0))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"malformed JSON in the judge's answer: {err.msg}") from None
-    better = str(verdict.get("better", "")).strip().upper()
+    verdict = next((o for o in _json_objects(text) if all(k in o for k in VERDICT_FIELDS)),
+                   None)
+    if verdict is None:
+        raise ValueError("no complete JSON object with the fields 'better', 'rating_a' and "
+                         "'rating_b' in the judge's answer")
+    better = str(verdict["better"]).strip().upper()
     better = "tie" if better == "TIE" else better
     if better not in ("A", "B", "tie"):
-        raise ValueError(f"'better' must be A, B or tie, got {verdict.get('better')!r}")
+        raise ValueError(f"'better' must be A, B or tie, got {verdict['better']!r}")
     ratings = []
     for field in ("rating_a", "rating_b"):
-        value = verdict.get(field)
+        value = verdict[field]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 10:
             raise ValueError(f"{field!r} must be a number from 1 to 10, got {value!r}")
         ratings.append(float(value))
+    reason = verdict.get("reason", "")
     return {"better": better, "rating_a": ratings[0], "rating_b": ratings[1],
-            "reason": str(verdict.get("reason", ""))}
+            "reason": reason if isinstance(reason, str) else json.dumps(reason,
+                                                                         ensure_ascii=False)}
 
 
 class RuleJudge:
@@ -99,7 +152,8 @@ class OpenAIJudge:
     temperature: float = 0.0
     max_tokens: int = 256
     timeout_s: float = 60.0
-    max_attempts: int = 6
+    max_attempts: int = 6        # requests per pair when they fail in transport (429/5xx/...)
+    max_parse_retries: int = 1   # extra requests when a reply arrives without a usable verdict
     backoff_s: float = 1.0
     max_backoff_s: float = 60.0
 
@@ -108,63 +162,106 @@ class OpenAIJudge:
 
         key = self.api_key or os.environ.get("OPENAI_API_KEY")
         if not key:
-            raise ValueError("OpenAIJudge needs an API key: set OPENAI_API_KEY (or api_key)")
-        # Retries are ours (Retry-After, malformed answers), so the client's are off.
+            raise JudgeError("OpenAIJudge needs an API key and none was given",
+                             hint="export OPENAI_API_KEY=... (a local server that checks no "
+                                  "key accepts any value)")
+        register_secret(key)  # whatever the judge or the client echoes, the key is never shown
+        # Retries are ours (Retry-After, unusable replies), so the client's are off.
         self._client = openai.OpenAI(api_key=key, base_url=self.base_url,
                                      timeout=self.timeout_s, max_retries=0)
         self._lock = threading.Lock()
-        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "retries": 0}
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "retries": 0,
+                      "parse_retries": 0}
+        # Set by the caller (judge_pairs) when the work stops — a fatal error elsewhere,
+        # Ctrl-C: a request waiting to retry gives up at once instead of minutes later.
+        self.stop_event = threading.Event()
+
+    def _count(self, field: str) -> None:
+        with self._lock:
+            self.usage[field] += 1
 
     def _wait(self, attempt: int, retry_after: float | None) -> None:
-        with self._lock:
-            self.usage["retries"] += 1
+        self._count("retries")
         if retry_after is None:
             retry_after = min(self.max_backoff_s, self.backoff_s * 2 ** attempt)
             retry_after *= 0.5 + random.random() / 2  # jitter: concurrent workers spread out
-        time.sleep(retry_after)
+        if self.stop_event.wait(retry_after):
+            raise JudgeError("stopped while waiting to retry")
+
+    def _unreachable(self, problem: str) -> JudgeError:
+        where = self.base_url or "the OpenAI API"
+        return JudgeError(
+            f"judge unreachable: {self.max_attempts} requests to {where} failed; last: "
+            f"{problem}", hint="check the endpoint (judge.OpenAIJudge.base_url) or wait for "
+            "it to recover, then rerun the same command: cached verdicts are not asked again")
 
     def compare(self, prompt: str, response_a: str, response_b: str) -> dict:
+        """The verdict on (A, B). Raises JudgeError (refused, or unreachable after
+        max_attempts) or UnusableReply (1 + max_parse_retries replies without a verdict)."""
         import openai
 
         messages = [{"role": "system", "content": JUDGE_SYSTEM},
                     {"role": "user", "content": render_prompt(prompt, response_a, response_b)}]
-        problem = "no attempt"
-        for attempt in range(self.max_attempts):
+        failures = replies = 0
+        while True:
             try:
                 reply = self._client.chat.completions.create(
                     model=self.model, messages=messages, temperature=self.temperature,
                     max_tokens=self.max_tokens)
             except openai.RateLimitError as err:
-                problem = f"429: {err}"
-                self._wait(attempt, _retry_after(err))
-                continue
+                problem, retry_after = str(err), _retry_after(err)
             except (openai.APITimeoutError, openai.APIConnectionError) as err:
-                problem = f"{type(err).__name__}: {err}"
-                self._wait(attempt, None)
-                continue
+                problem, retry_after = f"{type(err).__name__}: {err}", None
             except openai.APIStatusError as err:
-                if err.status_code < 500:
-                    raise JudgeError(f"judge request refused ({err.status_code}): {err}") from err
-                problem = f"{err.status_code}: {err}"
-                self._wait(attempt, _retry_after(err))
+                if err.status_code in REQUEST_REFUSED:  # this pair's request, not the judge:
+                    raise UnusableReply(  # asking again gets the same answer
+                        f"the judge refused this request ({err.status_code}): {err}",
+                        str(err), replies) from err
+                if err.status_code in TRANSIENT or err.status_code >= 500:
+                    problem, retry_after = str(err), _retry_after(err)
+                else:
+                    raise JudgeError(
+                        f"judge request refused ({err.status_code}): {err}",
+                        hint="check OPENAI_API_KEY, judge.OpenAIJudge.model and base_url"
+                    ) from err
+            else:
+                replies += 1
+                text, problem = self._read_reply(reply)
+                if problem is None:
+                    try:
+                        return parse_verdict(text)
+                    except ValueError as err:
+                        problem = str(err)
+                        if _finish_reason(reply) == "length":
+                            problem = ("the answer was cut off (finish_reason 'length') before "
+                                       f"a complete verdict: {problem}")
+                if replies > self.max_parse_retries:
+                    raise UnusableReply(problem, text, replies)
+                self._count("parse_retries")  # asked again at once: nothing to wait for
                 continue
-            with self._lock:
-                self.usage["calls"] += 1
-                if reply.usage is not None:
-                    self.usage["prompt_tokens"] += reply.usage.prompt_tokens
-                    self.usage["completion_tokens"] += reply.usage.completion_tokens
-            choice = reply.choices[0]
-            if choice.finish_reason == "length":
-                problem = "the judge's answer was cut off (finish_reason 'length')"
-                self._wait(attempt, None)
-                continue
-            try:
-                return parse_verdict(choice.message.content or "")
-            except ValueError as err:
-                problem = str(err)
-                self._wait(attempt, None)
-        raise JudgeError(f"no verdict after {self.max_attempts} attempts; last problem: "
-                         f"{problem}")
+            failures += 1
+            if failures >= self.max_attempts:
+                raise self._unreachable(problem)
+            self._wait(failures - 1, retry_after)
+
+    def _read_reply(self, reply: Any) -> tuple[str, str | None]:
+        """(text, problem or None) of a reply; counts it and its tokens."""
+        with self._lock:
+            self.usage["calls"] += 1
+            usage = getattr(reply, "usage", None)
+            if usage is not None:
+                self.usage["prompt_tokens"] += usage.prompt_tokens or 0
+                self.usage["completion_tokens"] += usage.completion_tokens or 0
+        choices = getattr(reply, "choices", None) or []
+        if not choices:
+            return "", "the reply has no choices"
+        message = getattr(choices[0], "message", None)
+        return (getattr(message, "content", None) or ""), None
+
+
+def _finish_reason(reply: Any) -> str | None:
+    choices = getattr(reply, "choices", None) or []
+    return getattr(choices[0], "finish_reason", None) if choices else None
 
 
 def _retry_after(err: Any) -> float | None:

@@ -7,7 +7,17 @@
 Responses come from the generate job (OUTPUT_DIR/responses_k/, resumable). Each pair is shown
 to the judge in an order drawn from a hash of its content (recorded as `swapped`), and every
 verdict is appended at once to OUTPUT_DIR/judge_cache.jsonl, keyed by (prompt, responses, judge
-model, judge-prompt version): a killed run resumes without paying twice or duplicating.
+model, judge-prompt version): a killed run resumes without paying twice or duplicating, and
+writes the same pairs file byte for byte.
+
+A pair whose replies held no usable verdict (annotate/judge.py: asked twice) is *unjudged*: it
+is not cached (a rerun asks again, for it only), not in pairs.jsonl, counted in summary.json
+(`unjudged`), listed in OUTPUT_DIR/unjudged.jsonl (rewritten each run: key, prompt excerpt,
+problem, an excerpt of the last reply) and named in the job's last printed line. What the
+judge wrote (reasons, reply excerpts) passes through `redaction.redact_text` before it is
+stored, so a reply that echoes a credential does not put it in a file. A judge that
+is unreachable or refuses stops the job with a JudgeError that says how many pairs are cached;
+the same command resumes.
 """
 
 from __future__ import annotations
@@ -16,18 +26,30 @@ import hashlib
 import json
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Any, NamedTuple, Sequence
 
 from tqdm import tqdm
 
-from xwin_jax.annotate.judge import JUDGE_PROMPT_VERSION, render_prompt
+from xwin_jax.annotate.judge import JUDGE_PROMPT_VERSION, JudgeError, UnusableReply, \
+    render_prompt
 from xwin_jax.data import formats
+from xwin_jax.errors import ConfigError
 from xwin_jax.generate import generate_job, load_outputs
 from xwin_jax.models.config import LlamaConfig
+from xwin_jax.redaction import redact_text
 
 CACHE_FILE = "judge_cache.jsonl"
 PAIRS_FILE = "pairs.jsonl"
+UNJUDGED_FILE = "unjudged.jsonl"
+EXCERPT_CHARS = 300
+
+
+class JudgedPairs(NamedTuple):
+    """What `judge_pairs` returns: a verdict per item (None where unjudged) and one record
+    per unjudged item ({"index", "key", "prompt", "problem", "replies", "reply"})."""
+    verdicts: list[dict | None]
+    unjudged: list[dict]
 
 
 def cache_key(prompt: str, response_a: str, response_b: str, judge_model: str) -> str:
@@ -36,24 +58,14 @@ def cache_key(prompt: str, response_a: str, response_b: str, judge_model: str) -
 
 
 def read_cache(path: str) -> dict[str, dict]:
-    """Cached verdicts by key. A line cut off by a kill is dropped from the file (its pair is
-    judged again), so later appends start on a clean line."""
-    cache, good, total = {}, [], 0
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                total += 1
-                try:
-                    record = json.loads(line)
-                    cache[record["key"]] = record
-                    good.append(line if line.endswith("\n") else line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-        if len(good) != total or (good and not open(path, "rb").read().endswith(b"\n")):
-            with open(path + ".partial", "w", encoding="utf-8") as f:
-                f.writelines(good)
-            os.replace(path + ".partial", path)
-    return cache
+    """Cached verdicts by key; a line cut off by a kill is dropped (its pair is judged
+    again)."""
+    return formats.read_appended_jsonl(path, "key")
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text`, or its first `limit` characters and how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}… [{len(text)} characters]"
 
 
 def _unswap(verdict: dict) -> dict:
@@ -63,36 +75,153 @@ def _unswap(verdict: dict) -> dict:
 
 
 def judge_pairs(items: Sequence[tuple[str, str, str]], judge: Any, cache_path: str,
-                concurrency: int = 8, swaps: Sequence[bool] | None = None) -> list[dict]:
+                concurrency: int = 8, swaps: Sequence[bool] | None = None) -> JudgedPairs:
     """Verdicts (in the items' own A/B order) for (prompt, response_a, response_b) items,
     from the cache where present, else from the judge, `concurrency` calls at a time. The
-    judge sees B first where `swaps` says so (default: drawn from a hash of the item)."""
+    judge sees B first where `swaps` says so (default: drawn from a hash of the item).
+
+    An item whose replies held no usable verdict (the judge raised UnusableReply) gets None
+    and a record in `unjudged`; it is not cached. A JudgeError (refused, unreachable) stops
+    the work: requests in flight finish (and are cached), the rest are not sent, and the
+    error says how many items are cached."""
     cache = read_cache(cache_path)
     lock = threading.Lock()
     keys = [cache_key(p, a, b, judge.model) for p, a, b in items]
     todo = sorted({k: i for i, k in reversed(list(enumerate(keys))) if k not in cache}.values())
+    unjudged: dict[str, dict] = {}
+    stop = threading.Event()  # set by the first failure: what is not yet sent, is not sent
 
     def judge_one(index: int) -> None:
+        if stop.is_set():
+            return
         prompt, a, b = items[index]
         swapped = (int(keys[index][:8], 16) % 2 == 1) if swaps is None else bool(swaps[index])
-        verdict = judge.compare(prompt, b, a) if swapped else judge.compare(prompt, a, b)
+        try:
+            verdict = judge.compare(prompt, b, a) if swapped else judge.compare(prompt, a, b)
+        except BaseException as err:
+            if not isinstance(err, UnusableReply):
+                stop.set()
+                raise
+            with lock:
+                unjudged[keys[index]] = {
+                    "index": index, "key": keys[index], "prompt": excerpt(prompt),
+                    "swapped": swapped, "problem": redact_text(err.problem),
+                    "replies": err.replies, "reply": excerpt(redact_text(err.reply))}
+            return
+        # A judge that echoes a credential (a proxy's header, a leaked key) does not get it
+        # written: the reason is stored as launch prints it.
+        verdict = {**verdict, "reason": redact_text(str(verdict.get("reason", "")))}
         record = {"key": keys[index], "swapped": swapped,
                   "verdict": _unswap(verdict) if swapped else verdict}
         with lock:
             cache[keys[index]] = record
-            with open(cache_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            with open(cache_path, "a", encoding="utf-8", newline="\n") as f:
+                f.write(formats.jsonl_line(record))
 
-    with ThreadPoolExecutor(max(1, concurrency)) as pool, tqdm(
-            total=len(items), initial=len(items) - len(todo), desc="judge") as bar:
-        for _ in pool.map(judge_one, todo):
-            bar.update(1)
-    return [cache[k]["verdict"] for k in keys]
+    pool = ThreadPoolExecutor(max(1, concurrency))
+    futures = [pool.submit(judge_one, i) for i in todo]
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc="judge") as bar:
+        for future in futures:
+            future.add_done_callback(lambda f: f.cancelled() or bar.update(1))
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f.done() and not f.cancelled()
+                           and f.exception() is not None), None)
+            if failed is not None:
+                raise failed.exception()
+        except BaseException as err:
+            stop.set()
+            getattr(judge, "stop_event", threading.Event()).set()  # retries give up now
+            for future in futures:
+                future.cancel()  # not yet sent: never sent; in flight: finishes, is cached
+            pool.shutdown(wait=True)
+            if isinstance(err, JudgeError):
+                cached = sum(k in cache for k in keys)
+                raise JudgeError(f"{err}. {cached} of {len(items)} pairs are judged and cached "
+                                 f"in {cache_path}; the same command resumes from there",
+                                 hint=err.hint) from err
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            getattr(judge, "stop_event", threading.Event()).clear()  # the judge is reusable
+    verdicts = [cache[k]["verdict"] if k in cache else None for k in keys]
+    return JudgedPairs(verdicts, sorted(unjudged.values(), key=lambda r: r["index"]))
+
+
+def write_unjudged(path: str, records: Sequence[dict]) -> None:
+    """OUTPUT_DIR/unjudged.jsonl, rewritten (an empty file when every pair was judged)."""
+    formats.write_jsonl(path, list(records))
+
+
+def unjudged_line(job: str, count: int, what: str, path: str) -> str:
+    """The job's closing line about unjudged items."""
+    return (f"[{job}] {count} {what}{'' if count == 1 else 's'} unjudged (see {path}); "
+            "rerun the same command to ask the judge again for those only")
 
 
 def _prompt_field(prompt: formats.Prompt) -> Any:
     messages = prompt.conversation.messages
     return messages[0].content if len(messages) == 1 else formats.messages_to_json(messages)
+
+
+def pair_items(prompts: Sequence[formats.Prompt], responses: Sequence[Sequence[str]]
+               ) -> tuple[list[tuple[str, str, str]], list[int]]:
+    """(prompt, a, b) items from responses[k][i] (k-th response to prompt i), pairing 0-1,
+    2-3, ...; identical answers are skipped (a tie: nothing to learn, nothing to pay). Also
+    the prompt index of each item."""
+    items, owners = [], []
+    for i, prompt in enumerate(prompts):
+        for k in range(0, len(responses) - 1, 2):
+            a, b = responses[k][i], responses[k + 1][i]
+            if a != b:
+                items.append((prompt.text, a, b))
+                owners.append(i)
+    return items, owners
+
+
+def annotate_responses(prompts: Sequence[formats.Prompt], responses: Sequence[Sequence[str]],
+                       output_dir: str, judge: Any, *, concurrency: int = 8,
+                       usd_per_1k_prompt_tokens: float = 0.03,
+                       usd_per_1k_completion_tokens: float = 0.06) -> dict:
+    """Judges the pairs of `responses` (see pair_items) and writes OUTPUT_DIR/pairs.jsonl
+    (prompt, chosen, rejected, ratings; ties and unjudged pairs left out), unjudged.jsonl
+    and summary.json; returns the summary."""
+    os.makedirs(output_dir, exist_ok=True)
+    items, owners = pair_items(prompts, responses)
+    judged = judge_pairs(items, judge, os.path.join(output_dir, CACHE_FILE), concurrency)
+    pairs, ties = [], 0
+    for (_, a, b), owner, verdict in zip(items, owners, judged.verdicts):
+        if verdict is None:
+            continue
+        if verdict["better"] == "tie":
+            ties += 1
+            continue
+        a_wins = verdict["better"] == "A"
+        pairs.append({"prompt": _prompt_field(prompts[owner]),
+                      "chosen": a if a_wins else b, "rejected": b if a_wins else a,
+                      "chosen_rating": verdict["rating_a"] if a_wins else verdict["rating_b"],
+                      "rejected_rating": verdict["rating_b"] if a_wins else verdict["rating_a"]})
+    pairs_path = os.path.join(output_dir, PAIRS_FILE)
+    unjudged_path = os.path.join(output_dir, UNJUDGED_FILE)
+    formats.write_jsonl(pairs_path, pairs)
+    write_unjudged(unjudged_path, [{"prompt_index": owners[r["index"]], **r}
+                                   for r in judged.unjudged])
+    usage = dict(judge.usage)
+    cost = (usage.get("prompt_tokens", 0) * usd_per_1k_prompt_tokens
+            + usage.get("completion_tokens", 0) * usd_per_1k_completion_tokens) / 1000
+    unjudged = sum(v is None for v in judged.verdicts)
+    summary = {"prompts": len(prompts), "pairs_to_judge": len(items),
+               "judged": len(items) - unjudged, "unjudged": unjudged, "pairs": len(pairs),
+               "ties": ties, "judge": judge.model, "judge_usage_this_run": usage,
+               "estimated_cost_usd_this_run": round(cost, 4), "pairs_file": pairs_path,
+               "unjudged_file": unjudged_path}
+    with open(os.path.join(output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"[annotate] {len(pairs)} pairs ({ties} ties) from {len(prompts)} prompts → "
+          f"{pairs_path}")
+    if unjudged:
+        print(unjudged_line("annotate", unjudged, "pair", unjudged_path))
+    return summary
 
 
 def annotate_job(prompts_path: str, output_dir: str, model: LlamaConfig, judge: Any, *,
@@ -102,9 +231,9 @@ def annotate_job(prompts_path: str, output_dir: str, model: LlamaConfig, judge: 
                  concurrency: int = 8, seed: int = 0, dry_run: bool = False,
                  usd_per_1k_prompt_tokens: float = 0.03,
                  usd_per_1k_completion_tokens: float = 0.06) -> dict:
-    """Writes OUTPUT_DIR/pairs.jsonl (prompt, chosen, rejected, ratings; ties left out)."""
+    """Samples the responses (generate job), then `annotate_responses`."""
     if num_responses < 2:
-        raise ValueError(f"num_responses={num_responses}: a pair needs at least 2")
+        raise ConfigError(f"num_responses={num_responses}: a pair needs at least 2")
     prompts = formats.read_prompts(prompts_path).records
     responses = []
     for k in range(num_responses):
@@ -114,38 +243,11 @@ def annotate_job(prompts_path: str, output_dir: str, model: LlamaConfig, judge: 
                      batch_size=batch_size, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_p=top_p, seed=seed + k)
         responses.append([r["output"] for r in load_outputs(directory)])
-    items, owners = [], []
-    for i, prompt in enumerate(prompts):
-        for k in range(0, num_responses - 1, 2):
-            a, b = responses[k][i], responses[k + 1][i]
-            if a != b:  # identical answers are a tie: nothing to learn, nothing to pay
-                items.append((prompt.text, a, b))
-                owners.append(i)
     if dry_run:
+        items, _ = pair_items(prompts, responses)
         if items:
             print(render_prompt(*items[0]))
         return {"pairs_to_judge": len(items), "dry_run": True}
-    verdicts = judge_pairs(items, judge, os.path.join(output_dir, CACHE_FILE), concurrency)
-    pairs, ties = [], 0
-    for (prompt_text, a, b), owner, verdict in zip(items, owners, verdicts):
-        if verdict["better"] == "tie":
-            ties += 1
-            continue
-        a_wins = verdict["better"] == "A"
-        pairs.append({"prompt": _prompt_field(prompts[owner]),
-                      "chosen": a if a_wins else b, "rejected": b if a_wins else a,
-                      "chosen_rating": verdict["rating_a"] if a_wins else verdict["rating_b"],
-                      "rejected_rating": verdict["rating_b"] if a_wins else verdict["rating_a"]})
-    formats.write_jsonl(os.path.join(output_dir, PAIRS_FILE), pairs)
-    usage = dict(judge.usage)
-    cost = (usage.get("prompt_tokens", 0) * usd_per_1k_prompt_tokens
-            + usage.get("completion_tokens", 0) * usd_per_1k_completion_tokens) / 1000
-    summary = {"prompts": len(prompts), "judged": len(items), "pairs": len(pairs),
-               "ties": ties, "judge": judge.model, "judge_usage_this_run": usage,
-               "estimated_cost_usd_this_run": round(cost, 4),
-               "pairs_file": os.path.join(output_dir, PAIRS_FILE)}
-    with open(os.path.join(output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"[annotate] {len(pairs)} pairs ({ties} ties) from {len(prompts)} prompts → "
-          f"{summary['pairs_file']}")
-    return summary
+    return annotate_responses(prompts, responses, output_dir, judge, concurrency=concurrency,
+                              usd_per_1k_prompt_tokens=usd_per_1k_prompt_tokens,
+                              usd_per_1k_completion_tokens=usd_per_1k_completion_tokens)

@@ -4,16 +4,32 @@
         --gin.MODEL_OUTPUTS="'/runs/x/generate/alpaca_eval.json'" \
         --gin.REFERENCE_OUTPUTS="'alpaca_eval_gpt4_baseline.json'" --gin.OUTPUT_DIR="'/runs/x/eval'"
 
-Both files are AlpacaEval JSON lists of {"instruction", "output", "generator", "dataset"},
-matched by instruction. The judge (annotate/judge.py: OpenAIJudge or RuleJudge) sees the two
-outputs in an order drawn from a hash of (seed, instruction), so position bias cancels over the
-set and a rerun asks the same questions; verdicts are cached (a killed run resumes without
-paying twice). Identical outputs are draws without a judge call.
+Both files are AlpacaEval JSON lists (or JSONL) of {"instruction", "output", "generator",
+"dataset"}, matched by instruction. The judge (annotate/judge.py: OpenAIJudge or RuleJudge) sees
+the two outputs in an order drawn from a hash of (seed, instruction), so position bias cancels
+over the set and a rerun asks the same questions; verdicts are cached (a killed run resumes
+without paying twice). Identical outputs are draws without a judge call.
 
-Writes OUTPUT_DIR/annotations.json (one record per instruction, AlpacaEval's `preference`
-encoding: 1 = reference wins, 2 = model wins, 1.5 = draw) and OUTPUT_DIR/leaderboard.csv (a row
-per generator, AlpacaEval's columns). With a reward model, also the mean normalised reward of
-both sides and the RM's win rate.
+Writes to OUTPUT_DIR:
+
+- annotations.json: one record per instruction, AlpacaEval's `preference` encoding (1 =
+  reference wins, 2 = model wins, 1.5 = draw). An *unjudged* instruction (the judge's replies
+  held no usable verdict, asked twice) has `"preference": null` — what alpaca_eval writes for
+  an annotation it could not parse, and drops from its win rate — and a `reason` starting
+  "unjudged:". It is not cached, so a rerun asks again for it only.
+- unjudged.jsonl: the unjudged instructions (index, instruction excerpt, problem, an excerpt of
+  the last reply), rewritten each run.
+- leaderboard.csv: a row per generator, AlpacaEval's columns first and unchanged, then
+  `n_unjudged` and, with a reward model, `rm_mean_reward`, `rm_mean_reward_reference`,
+  `rm_win_rate`.
+- summary.json: this run's row (win rate, SE, LC, counts, n_unjudged, judge, mean ratings, the
+  RM columns) and the paths of the files above.
+
+Unjudged instructions are left out of the win rate (and of n_total) and reported in
+`n_unjudged` and in a printed line; if none of the instructions sent to the judge could be
+judged, the job stops with a UserError (after writing annotations.json and unjudged.jsonl).
+With a reward model (`reward_dir`), also the mean normalised reward of both sides and the
+RM's win rate.
 """
 
 from __future__ import annotations
@@ -21,34 +37,32 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
-from xwin_jax.annotate.pairs import judge_pairs
+from xwin_jax.annotate.pairs import UNJUDGED_FILE, excerpt, judge_pairs, unjudged_line, \
+    write_unjudged
+from xwin_jax.data import formats
+from xwin_jax.data.formats import DataFormatError
+from xwin_jax.errors import UserError
 from xwin_jax.evaluate.winrate import LEADERBOARD_COLUMNS, leaderboard_row
 
 ANNOTATIONS_FILE = "annotations.json"
 LEADERBOARD_FILE = "leaderboard.csv"
+SUMMARY_FILE = "summary.json"
 CACHE_FILE = "judge_cache.jsonl"
-REQUIRED_FIELDS = ("instruction", "output")
+RM_COLUMNS = ("rm_mean_reward", "rm_mean_reward_reference", "rm_win_rate")
+# After AlpacaEval's columns, which stay first and unchanged.
+EXTRA_COLUMNS = ("n_unjudged", *RM_COLUMNS)
 
 
 def read_outputs(path: str) -> list[dict]:
-    """An AlpacaEval outputs file (JSON list, or JSONL); errors name the file and record."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        records = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not JSON or JSONL ({err})") from err
-    for i, record in enumerate(records):
-        missing = [k for k in REQUIRED_FIELDS if not isinstance(record.get(k), str)]
-        if missing:
-            raise ValueError(f"{path}: record {i} lacks string field(s) {missing}")
-    return records
+    """An AlpacaEval outputs file (JSON list or JSONL), read by data.formats: a malformed
+    record is a DataFormatError naming file:line and the field."""
+    return formats.read_outputs(path).records
 
 
 def swapped_order(instruction: str, seed: int = 0) -> bool:
@@ -68,33 +82,45 @@ def match_outputs(model_outputs: Sequence[dict], reference_outputs: Sequence[dic
     references = {r["instruction"]: r for r in reference_outputs}
     missing = [m["instruction"] for m in model_outputs if m["instruction"] not in references]
     if missing:
-        raise ValueError(f"{len(missing)} model instruction(s) have no reference output, e.g. "
-                         f"{missing[0][:80]!r}")
+        raise DataFormatError(f"{len(missing)} model instruction(s) have no reference output, "
+                              f"e.g. {missing[0][:80]!r}")
     return [(m, references[m["instruction"]]) for m in model_outputs]
 
 
 def judge_outputs(matched: Sequence[tuple[dict, dict]], judge: Any, cache_path: str, *,
-                  seed: int = 0, concurrency: int = 8) -> list[dict]:
-    """One annotation per matched pair (identical outputs are draws, not judged)."""
+                  seed: int = 0, concurrency: int = 8) -> tuple[list[dict], list[dict]]:
+    """One annotation per matched pair (identical outputs are draws, not judged; unjudged
+    ones have preference None), and a record per unjudged instruction."""
     to_judge = [i for i, (m, r) in enumerate(matched) if m["output"] != r["output"]]
-    verdicts = judge_pairs(
+    judged = judge_pairs(
         [(matched[i][0]["instruction"], matched[i][1]["output"], matched[i][0]["output"])
          for i in to_judge], judge, cache_path, concurrency,
         swaps=[swapped_order(matched[i][0]["instruction"], seed) for i in to_judge])
-    by_index = dict(zip(to_judge, verdicts))
+    by_index = dict(zip(to_judge, judged.verdicts))
+    problems = {to_judge[r["index"]]: r["problem"] for r in judged.unjudged}
+    unjudged = [{"index": to_judge[r["index"]],
+                 "instruction": excerpt(matched[to_judge[r["index"]]][0]["instruction"]),
+                 "model_first": r["swapped"], "key": r["key"], "problem": r["problem"],
+                 "replies": r["replies"], "reply": r["reply"]} for r in judged.unjudged]
     annotations = []
     for i, (model, reference) in enumerate(matched):
         verdict = by_index.get(i)
+        if i in by_index and verdict is None:
+            preference, reason = None, f"unjudged: {problems.get(i, 'no usable verdict')}"
+        elif verdict is None:
+            preference, reason = 1.5, "identical outputs"
+        else:
+            preference, reason = preference_from_verdict(verdict), verdict.get("reason", "")
         annotations.append({
             "instruction": model["instruction"],
             "output_1": reference["output"], "generator_1": reference.get("generator", ""),
             "output_2": model["output"], "generator_2": model.get("generator", ""),
-            "preference": 1.5 if verdict is None else preference_from_verdict(verdict),
+            "preference": preference,
             "model_first": swapped_order(model["instruction"], seed),
             "rating_reference": None if verdict is None else verdict.get("rating_a"),
             "rating_model": None if verdict is None else verdict.get("rating_b"),
-            "reason": "identical outputs" if verdict is None else verdict.get("reason", "")})
-    return annotations
+            "reason": reason})
+    return annotations, unjudged
 
 
 def reward_model_scores(reward_dir: str, matched: Sequence[tuple[dict, dict]],
@@ -122,17 +148,30 @@ def reward_model_scores(reward_dir: str, matched: Sequence[tuple[dict, dict]],
 
 
 def update_leaderboard(path: str, name: str, row: dict) -> None:
-    """Adds (or replaces) one generator's row of the leaderboard CSV."""
+    """Adds (or replaces) one generator's row of the leaderboard CSV: AlpacaEval's columns,
+    then EXTRA_COLUMNS (empty where a row has no value, e.g. no reward model)."""
+    columns = ["", *LEADERBOARD_COLUMNS, *EXTRA_COLUMNS]
     rows = {}
     if os.path.exists(path):
         with open(path, newline="") as f:
             rows = {r[""]: r for r in csv.DictReader(f)}
-    rows[name] = {"": name, **{k: row[k] for k in LEADERBOARD_COLUMNS}}
+    rows[name] = {"": name, **{k: row[k] for k in columns[1:] if row.get(k) is not None}}
     ordered = sorted(rows.values(), key=lambda r: -float(r["win_rate"]))
     with open(path + ".partial", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["", *LEADERBOARD_COLUMNS])
+        writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(ordered)
+    os.replace(path + ".partial", path)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (e.g. the SE of one instruction) → None: summary.json stays strict JSON."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        json.dump(value, f, ensure_ascii=False, indent=2)
     os.replace(path + ".partial", path)
 
 
@@ -140,22 +179,33 @@ def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, ju
                  name: str | None = None, seed: int = 0, concurrency: int = 8,
                  reward_dir: str | None = None, vocabulary: str = "bytes",
                  reward_seq_len: int = 1024, reward_batch_size: int = 32) -> dict:
-    """Judges MODEL_OUTPUTS against REFERENCE_OUTPUTS; writes annotations and the leaderboard
-    row; returns the row (plus RM numbers when reward_dir is set)."""
+    """Judges MODEL_OUTPUTS against REFERENCE_OUTPUTS; writes annotations.json,
+    unjudged.jsonl, the leaderboard row and summary.json; returns the row (AlpacaEval's
+    columns, n_unjudged, judge, mean ratings, and the RM columns when reward_dir is set)."""
     os.makedirs(output_dir, exist_ok=True)
     model_records = read_outputs(model_outputs)
+    if not model_records:
+        raise DataFormatError(f"{model_outputs}: no outputs to evaluate")
     matched = match_outputs(model_records, read_outputs(reference_outputs))
-    name = name or (model_records[0].get("generator") if model_records else None) or "model"
-    annotations = judge_outputs(matched, judge, os.path.join(output_dir, CACHE_FILE),
-                                seed=seed, concurrency=concurrency)
-    with open(os.path.join(output_dir, ANNOTATIONS_FILE), "w", encoding="utf-8") as f:
-        json.dump(annotations, f, ensure_ascii=False, indent=2)
-    row = leaderboard_row([a["preference"] for a in annotations],
-                          [len(m["output"]) for m, _ in matched],
+    name = name or model_records[0].get("generator") or "model"
+    annotations, unjudged = judge_outputs(matched, judge, os.path.join(output_dir, CACHE_FILE),
+                                          seed=seed, concurrency=concurrency)
+    annotations_path = os.path.join(output_dir, ANNOTATIONS_FILE)
+    unjudged_path = os.path.join(output_dir, UNJUDGED_FILE)
+    _write_json(annotations_path, annotations)
+    write_unjudged(unjudged_path, unjudged)
+    preferences = [a["preference"] for a in annotations]
+    asked = [p for (m, r), p in zip(matched, preferences) if m["output"] != r["output"]]
+    if asked and all(p is None for p in asked):  # the rest are identical outputs (draws)
+        raise UserError(
+            f"no instruction could be judged: the judge's replies for all {len(asked)} "
+            f"instructions it was asked about held no usable verdict (see {unjudged_path})",
+            hint="read the replies there: the judge must answer with the JSON verdict the "
+                 "prompt asks for; the same command asks again for these only")
+    row = leaderboard_row(preferences, [len(m["output"]) for m, _ in matched],
                           [len(r["output"]) for _, r in matched])
-    update_leaderboard(os.path.join(output_dir, LEADERBOARD_FILE), name, row)
-    ratings = [a["rating_model"] for a in annotations if a["rating_model"] is not None]
     row["judge"] = judge.model
+    ratings = [a["rating_model"] for a in annotations if a["rating_model"] is not None]
     if ratings:
         row["mean_rating_model"] = float(np.mean(ratings))
         row["mean_rating_reference"] = float(np.mean(
@@ -163,7 +213,18 @@ def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, ju
     if reward_dir:
         row.update(reward_model_scores(reward_dir, matched, vocabulary, reward_seq_len,
                                        reward_batch_size))
+    leaderboard_path = os.path.join(output_dir, LEADERBOARD_FILE)
+    update_leaderboard(leaderboard_path, name, row)
+    summary = {"generator": name, **{k: _json_safe(v) for k, v in row.items()},
+               "annotations_file": annotations_path, "leaderboard_file": leaderboard_path,
+               "unjudged_file": unjudged_path}
+    _write_json(os.path.join(output_dir, SUMMARY_FILE), summary)
     print(f"[evaluate] {name}: win rate {row['win_rate']:.1f} ± {row['standard_error']:.1f} "
-          f"(LC {row['length_controlled_winrate']:.1f}) over {row['n_total']} instructions "
-          f"→ {output_dir}")
+          f"(LC {row['length_controlled_winrate']:.1f}) over {row['n_total']} instruction"
+          f"{'' if row['n_total'] == 1 else 's'} → {output_dir}")
+    if reward_dir:
+        print(f"[evaluate] reward model: mean reward {row['rm_mean_reward']:.3f} (reference "
+              f"{row['rm_mean_reward_reference']:.3f}), RM win rate {row['rm_win_rate']:.1f}")
+    if row["n_unjudged"]:  # instructions, duplicates included (unjudged.jsonl: one a pair)
+        print(unjudged_line("evaluate", row["n_unjudged"], "instruction", unjudged_path))
     return row

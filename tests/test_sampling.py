@@ -150,3 +150,76 @@ def test_a_row_key_makes_a_sample_independent_of_its_batch_mates():
                               np.ones((1, len(PROMPTS[1]))), keys[1:2], max_new_tokens=8,
                               temperature=1.0)
     np.testing.assert_array_equal(batch.tokens[1], alone.tokens[0])
+
+
+def test_per_row_settings_each_sample_as_if_alone():
+    """One batch mixing greedy, plain and filtered rows: each row is what its own settings
+    give in a uniform batch with the same keys (tokens and log-probs)."""
+    tokens, mask = left_padded(PROMPTS)
+    keys = jax.random.split(jax.random.key(4), 3)
+    settings = [dict(temperature=0.0), dict(temperature=0.9), dict(temperature=1.3, top_p=0.8,
+                                                                   top_k=20)]
+    mixed = sampling.generate(PARAMS, CFG, tokens, mask, keys, max_new_tokens=8,
+                              **{name: [s.get(name, default) for s in settings] for name, default
+                                 in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0))})
+    for r, kwargs in enumerate(settings):
+        uniform = sampling.generate(PARAMS, CFG, tokens, mask, keys, max_new_tokens=8, **kwargs)
+        np.testing.assert_array_equal(mixed.tokens[r], uniform.tokens[r])
+        np.testing.assert_allclose(mixed.logprobs[r], uniform.logprobs[r], atol=1e-6)
+    # The greedy row is bit-identical to the greedy program (its plain log-softmax).
+    greedy = sampling.generate(PARAMS, CFG, tokens, mask, keys, max_new_tokens=8)
+    np.testing.assert_array_equal(mixed.logprobs[0], greedy.logprobs[0])
+    # The filtered row's log-probs are those of the filtered distribution it sampled from.
+    new = mixed.tokens[2, :mixed.lengths[2]]
+    logits = jnp.asarray(teacher_forced_logits(PROMPTS[2], new)) / 1.3
+    expected = jax.nn.log_softmax(sampling.filter_logits(logits, 20, 0.8))
+    np.testing.assert_allclose(mixed.logprobs[2, :len(new)],
+                               np.asarray(expected)[np.arange(len(new)), new], atol=1e-5)
+
+
+def test_new_setting_values_compile_nothing():
+    tokens, mask = left_padded(PROMPTS)
+    run = lambda **kw: sampling.generate(PARAMS, CFG, tokens, mask, jax.random.key(0),  # noqa
+                                         max_new_tokens=8, **kw)
+    run(temperature=0.5), run(temperature=0.5, top_p=0.9)
+    before = sampling.generate_program._cache_size()
+    for i in range(1, 6):
+        run(temperature=0.2 * i)
+        run(temperature=[0.1 * i, 0.0, 1.0], top_p=[1.0 - 0.1 * i, 1.0, 0.5], top_k=[0, 0, i])
+    assert sampling.generate_program._cache_size() == before
+
+
+def test_sampling_mode_is_the_cheapest_exact_program():
+    mode = lambda **kw: sampling.sampling_mode(sampling.row_settings(2, **kw), 512)  # noqa
+    assert mode(temperature=0.0, top_p=0.5, top_k=3) == "greedy"  # greedy rows never filter
+    assert mode(temperature=[0.0, 0.7]) == "sample"
+    assert mode(temperature=[0.7, 0.0], top_k=[0, 5]) == "sample"  # only the greedy row filters
+    assert mode(temperature=0.7, top_k=512) == "sample"  # top_k >= vocab is off
+    assert mode(temperature=[0.0, 0.7], top_p=[1.0, 0.9]) == "filter"
+    with pytest.raises(ValueError, match="temperature"):
+        sampling.row_settings(2, temperature=[0.5, -1.0])
+
+
+def test_filter_logits_per_row_equals_each_row_alone():
+    logits = jax.random.normal(jax.random.key(2), (3, 16))
+    top_k, top_p = [0, 4, 6], [0.5, 1.0, 0.7]
+    rows = sampling.filter_logits(logits, jnp.asarray(top_k), jnp.asarray(top_p))
+    for r in range(3):
+        np.testing.assert_array_equal(rows[r],
+                                      sampling.filter_logits(logits[r:r + 1], top_k[r],
+                                                             top_p[r])[0])
+    assert np.isfinite(np.asarray(rows)).sum(axis=1).tolist()[1:] == [4, 4]
+
+
+def test_stream_yields_growing_chunks_that_end_as_generate():
+    tokens, mask = left_padded(PROMPTS)
+    keys = jax.random.split(jax.random.key(9), 3)
+    kwargs = dict(max_new_tokens=8, temperature=[0.0, 1.0, 0.7], top_p=[1.0, 1.0, 0.9])
+    whole = sampling.generate(PARAMS, CFG, tokens, mask, keys, **kwargs)
+    parts = list(sampling.stream(PARAMS, CFG, tokens, mask, keys, chunk_tokens=3, **kwargs))
+    assert [p.tokens.shape[1] for p in parts] == [1, 4, 7, 8]  # prefill, then 3 at a time
+    for earlier, later in zip(parts, parts[1:]):
+        np.testing.assert_array_equal(later.tokens[:, :earlier.tokens.shape[1]], earlier.tokens)
+    np.testing.assert_array_equal(parts[-1].tokens, whole.tokens)
+    np.testing.assert_array_equal(parts[-1].logprobs, whole.logprobs)
+    np.testing.assert_array_equal(parts[-1].lengths, whole.lengths)

@@ -37,7 +37,7 @@ from xwin_jax.checkpoints.manager import abstract_like
 from xwin_jax.models import heads
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.partitioning import Partitioner
-from xwin_jax.train import ppo, reward, rollout, sft
+from xwin_jax.train import ppo, reward, sft
 from xwin_jax.train import state as train_state
 from xwin_jax.train.sharded import ShardedTraining
 
@@ -268,12 +268,15 @@ def plan_ppo(cfg: LlamaConfig, partitioner: Partitioner, batch: int, prompt_len:
                    for name in ("tokens", "mask")}
         keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
         keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=partitioner.replicated)
+        settings = sampling.row_settings(batch, ppo_cfg.temperature, ppo_cfg.top_k,
+                                         ppo_cfg.top_p)
         began = time.perf_counter()
         with partitioner.activation_context():
             compiled = sampling.generate_program.lower(
-                policy.abstract_state.params, prompts["tokens"], prompts["mask"], keys, cfg=cfg,
-                max_new_tokens=new_tokens, temperature=ppo_cfg.temperature,
-                top_k=ppo_cfg.top_k, top_p=ppo_cfg.top_p, stop_ids=(2,), pad_id=0).compile()
+                policy.abstract_state.params, prompts["tokens"], prompts["mask"], keys,
+                settings, cfg=cfg, max_new_tokens=new_tokens,
+                mode=sampling.sampling_mode(settings, cfg.vocab_size), stop_ids=(2,),
+                pad_id=0).compile()
         seconds = time.perf_counter() - began
         # Prefill of the prompt, then one token at a time against the whole cache.
         flops = (2.0 * _trunk_matmul_params(cfg) * batch * seq_len

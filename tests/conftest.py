@@ -114,7 +114,7 @@ class FakeJudge:
                                                "code": "context_length_exceeded"}},
                                     status_code=400)
             if fault == "timeout":
-                await asyncio.sleep(1.5)
+                await asyncio.sleep(3.0)  # well past the client timeout below
             a = re.search(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]", text, re.DOTALL).group(1)
             b = re.search(r"\[Answer B\]\n(.*?)\n\nWhich answer", text, re.DOTALL).group(1)
             better = "A" if len(a) < len(b) else "B"
@@ -173,7 +173,7 @@ def fake_judge():
         servers.append(server)
         from xwin_jax.annotate import judge as judge_lib
         options = dict(model="fake-gpt-4", base_url=f"http://127.0.0.1:{port}/v1",
-                       api_key="sk-secret-test", timeout_s=0.5, backoff_s=0.01)
+                       api_key="sk-secret-test", timeout_s=1.0, backoff_s=0.01)  # 100x a reply
         judge = judge_lib.OpenAIJudge(**{**options, **judge_options})
         return fake, judge
 

@@ -4,10 +4,12 @@
         --gin.DIRECTION="'import'" --gin.HF_DIR="'/models/llama'" --gin.CKPT_DIR="'/ckpt'"
 
 Flags: --gin_file (repeatable, applied in order), --gin_bindings (repeatable), the shorthand
---gin.NAME=VALUE (= --gin_bindings='NAME = VALUE'), --gin_search_paths, and --multihost
-(jax.distributed.initialize before anything touches a device). The full gin config is written
-to OUTPUT_DIR/config.gin before the job starts and the operative one to
-OUTPUT_DIR/operative_config.gin when it ends. The only module that knows about gin.
+--gin.NAME=VALUE (= --gin_bindings='NAME = VALUE'), --gin_search_paths, --multihost
+(jax.distributed.initialize before anything touches a device) and --verbose. The full gin
+config is written to OUTPUT_DIR/config.gin before the job starts and the operative one to
+OUTPUT_DIR/operative_config.gin when it ends, both redacted (redaction.py), as is everything
+the job prints. An errors.UserError is printed as one line (and its hint) with exit status
+2; --verbose adds the traceback. The only module that knows about gin.
 """
 
 from __future__ import annotations

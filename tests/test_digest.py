@@ -48,5 +48,11 @@ def test_a_checkpoint_records_its_digest_and_an_overwrite_replaces_it(tmp_path):
     assert first == digest.params_digest(params)
     save_params(str(tmp_path), CFG, jax.tree.map(lambda x: x * 2, params))
     assert checkpoint_digest(str(tmp_path)) != first
-    (tmp_path / "params_digest.json").unlink()  # a checkpoint from before digests existed
-    assert checkpoint_digest(str(tmp_path)) == checkpoint_digest(str(tmp_path))
+    # Checkpoints from before digests existed are hashed file by file: other values, other
+    # digest; the same directory, the same one.
+    save_params(str(tmp_path / "old"), CFG, params)
+    for directory in (tmp_path, tmp_path / "old"):
+        (directory / "params_digest.json").unlink()
+    old = checkpoint_digest(str(tmp_path / "old"))
+    assert old not in (first, checkpoint_digest(str(tmp_path)))
+    assert checkpoint_digest(str(tmp_path / "old")) == old

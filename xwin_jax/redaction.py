@@ -4,14 +4,17 @@ A value is secret when the gin binding or macro that holds it is named like a cr
 last name part ends in key, secret, password, token, credential(s) or auth: `api_key`,
 `OPENAI_API_KEY`, `HF_TOKEN`, `judge.OpenAIJudge.api_key`), when it looks like one whatever
 its name (`sk-...`, `hf_...`, `ghp_...`, `Bearer ...`, AWS and Google key shapes), when it is
-the value of an environment variable named like a credential (OPENAI_API_KEY=...), or when a
-client registered it as the key it uses (`register_secret`), wherever it appears. `launch` passes every config it writes through `redact_gin` and everything it
-prints through `redact_text`; the sweep and TPU scripts print and record commands through
-`redact_args`. Stdlib only, so those scripts can use it without JAX.
+the value of an environment variable named like a credential (OPENAI_API_KEY=...; the
+environment is read once, at the first redaction), or when a client registered it as the key
+it uses (`register_secret`), wherever it appears. `launch` passes every config it writes
+through `redact_gin` and everything it prints through `redact_text`; the sweep and TPU scripts
+print and record commands through `redact_args`. Stdlib only, so those scripts can use it
+without JAX.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -38,13 +41,17 @@ def is_secret_name(name: str) -> bool:
 
 
 _registered: set[str] = set()
+_known: list[str] | None = None  # the environment's secrets and the registered ones, longest
+                                 # first; built at the first redaction (every print needs it)
 
 
 def register_secret(value: str) -> None:
     """Marks a value as secret for the rest of the process (a client registers the key it was
     given, however it was given), so redact_text replaces it wherever it appears."""
-    if value and len(value) >= _MIN_ENV_SECRET_LEN:
+    global _known
+    if value and len(value) >= _MIN_ENV_SECRET_LEN and value not in _registered:
         _registered.add(value)
+        _known = None
 
 
 def register_gin_binding(binding: str) -> None:
@@ -57,10 +64,17 @@ def register_gin_binding(binding: str) -> None:
         register_secret(value.strip("'\""))
 
 
+@functools.lru_cache(maxsize=1)
+def _environment_secrets() -> frozenset[str]:
+    return frozenset(v for k, v in os.environ.items()
+                     if is_secret_name(k) and len(v) >= _MIN_ENV_SECRET_LEN)
+
+
 def _known_secrets() -> list[str]:
-    values = {v for k, v in os.environ.items()
-              if is_secret_name(k) and len(v) >= _MIN_ENV_SECRET_LEN} | _registered
-    return sorted(values, key=len, reverse=True)
+    global _known
+    if _known is None:
+        _known = sorted(_environment_secrets() | _registered, key=len, reverse=True)
+    return _known
 
 
 def redact_text(text: str) -> str:
@@ -92,8 +106,6 @@ def redact_gin(config_text: str) -> str:
 
 _GIN_FLAG = re.compile(r"(--gin\.)([^=]+)(=)(.*)", re.DOTALL)
 _GIN_BINDINGS_FLAG = re.compile(r"(--gin_bindings=\s*)([\w./%]+)(\s*=\s*)(.*)", re.DOTALL)
-
-
 # A gin flag inside a longer argument (a remote shell command): its value ends at whitespace.
 _EMBEDDED_GIN_FLAG = re.compile(r"(--gin\.)([\w./%]+)(=)(\S+)")
 

@@ -2,8 +2,9 @@
 
 The hand-off format between stages inside the project (HF import writes it, HF export and
 every stage that starts from a model read it). `DIR/params_digest.json` records a digest of
-the parameter values (checkpoints/digest.py), so a cache built from a checkpoint (DPO's reference log-probs) can tell
-a retrained checkpoint in the same directory from the one it was built from.
+the parameter values (checkpoints/digest.py), so a cache built from a checkpoint (DPO's
+reference log-probs) can tell a retrained checkpoint in the same directory from the one it
+was built from.
 """
 
 from __future__ import annotations

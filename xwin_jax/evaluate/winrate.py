@@ -124,9 +124,8 @@ def leaderboard_row(preferences: Sequence[float | None], model_lengths: Sequence
     """One leaderboard row: AlpacaEval's columns over the judged preferences, plus
     `n_unjudged`. `avg_length` is the model's mean output length over every instruction
     (alpaca_eval computes it over all model outputs). ValueError when nothing was judged."""
-    mask = judged_mask(preferences)
     rate, error = win_rate(preferences)
-    judged = np.array([float(p) for p, m in zip(preferences, mask) if m], np.float64)
+    judged = _labels(preferences) + 1.0
     return {"win_rate": rate, "standard_error": error,
             "n_wins": int(np.sum(judged > 1.5)),
             "n_wins_base": int(np.sum(judged < 1.5)),
@@ -135,4 +134,4 @@ def leaderboard_row(preferences: Sequence[float | None], model_lengths: Sequence
             "avg_length": float(np.mean(model_lengths)),
             "length_controlled_winrate": length_controlled_win_rate(
                 preferences, model_lengths, reference_lengths),
-            "n_unjudged": int(np.sum(~mask))}
+            "n_unjudged": len(preferences) - judged.size}

@@ -53,7 +53,8 @@ def write_summary(stage_dir: str, summary: dict) -> str:
 
 
 class NonFiniteError(UserError, RuntimeError):
-    """The loss or gradient norm became NaN/Inf; the message names the step."""
+    """The loss, the gradient norm or the updated state became NaN/Inf; the message names the
+    step."""
 
 
 class Preempted(RuntimeError):
@@ -88,15 +89,16 @@ class _StopFlag:
         return False
 
 
-def non_finite_problem(metrics: Mapping[str, float]) -> str | None:
-    """What is non-finite about a step — its loss, its gradient norm, or the state the update
-    produced (the step's `update_finite` metric) — or None when all is well."""
-    for name in ("loss", "grad_norm"):
+def non_finite_problem(metrics: Mapping[str, float],
+                       checked: tuple[str, ...] = ("loss", "grad_norm")) -> str | None:
+    """What is non-finite about a step — one of its `checked` metrics, or the state the
+    update produced (the step's `update_finite` metric) — or None when all is well."""
+    for name in checked:
         if name in metrics and not math.isfinite(metrics[name]):
             return f"{name} = {metrics[name]}"
     if metrics.get("update_finite", 1.0) != 1.0:
-        return (f"the update made the parameters or optimizer state non-finite (loss = "
-                f"{metrics.get('loss')}, grad_norm = {metrics.get('grad_norm')})")
+        values = ", ".join(f"{name} = {metrics[name]}" for name in checked if name in metrics)
+        return f"the update made the parameters or optimizer state non-finite ({values})"
     return None
 
 

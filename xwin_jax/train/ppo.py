@@ -305,11 +305,7 @@ def train_ppo(workdir: str, model: LlamaConfig, train_steps: int, prompts: Any, 
         update_metrics = jax.device_get(update_metrics)
         times["time_update_s"] = time.perf_counter() - began
         for number, m in enumerate(update_metrics, start=1):
-            problem = non_finite_problem(
-                {"loss": m["policy_loss"], "grad_norm": m["grad_norm"],
-                 "update_finite": m["update_finite"]})
-            if problem is None and not np.isfinite(m["value_grad_norm"]):
-                problem = f"value_grad_norm = {m['value_grad_norm']}"
+            problem = non_finite_problem(m, ("policy_loss", "grad_norm", "value_grad_norm"))
             if problem:
                 raise NonFiniteError(
                     f"iteration {int(state.iteration) + 1}, update {number} of "

@@ -10,7 +10,10 @@ import pytest
 
 from conftest import hf_logits, make_hf_model
 from xwin_jax.checkpoints import hf
+from xwin_jax.checkpoints.params import load_checkpoint_vocabulary, save_params
 from xwin_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsReader
+from xwin_jax.data import vocabulary
+from xwin_jax.errors import ConfigError
 from xwin_jax.models.config import UnsupportedConfigError
 from xwin_jax.models.llama import Llama, init_params, preset
 
@@ -200,3 +203,112 @@ def test_load_hf_reads_a_sharded_index_and_keeps_unrelated_files(tmp_path):
     hf.save_hf(cfg, params, str(out), dtype="float32")  # re-export unsharded over it
     assert not (out / hf.SAFETENSORS_INDEX).exists() and (out / "training_args.bin").exists()
     assert sorted(p.name for p in out.glob("model*.safetensors")) == ["model.safetensors"]
+
+
+# --- the tokenizer travels --------------------------------------------------------------------
+
+def _hf_dir_with_tokenizer(tmp_path, kind):
+    """A tiny random HF Llama saved beside its tokenizer: 'sentencepiece' (tokenizer.model and
+    a LlamaTokenizer config, as Llama-2 on the hub) or 'tokenizer_json' (tokenizer.json and
+    tokenizer_config.json only, as transformers' LlamaTokenizer saves them)."""
+    from test_vocabulary import train_sentencepiece, write_llama_tokenizer_dir
+    sp_file = train_sentencepiece(str(tmp_path / "sp"))
+    path = str(tmp_path / "hf")
+    if kind == "sentencepiece":
+        os.makedirs(path)
+        os.replace(sp_file, os.path.join(path, vocabulary.TOKENIZER_MODEL))
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "pad_token": None, "legacy": False},
+                  open(os.path.join(path, vocabulary.TOKENIZER_CONFIG), "w"))
+    else:
+        write_llama_tokenizer_dir(sp_file, path)
+    make_hf_model(vocab_size=400).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer_json"])
+def test_import_and_export_carry_the_tokenizer(tmp_path, kind, capsys):
+    from test_vocabulary import TEXTS, assert_same_ids
+    hf_dir = _hf_dir_with_tokenizer(tmp_path, kind)
+    source = vocabulary.load_vocabulary(hf_dir)
+    assert source.kind == {"sentencepiece": "sentencepiece",
+                           "tokenizer_json": "hf_tokenizer"}[kind]
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "export")
+    assert hf.convert("import", hf_dir, ckpt)["vocabulary"] == source.kind
+    record = json.load(open(os.path.join(ckpt, vocabulary.VOCABULARY_FILE)))
+    assert record["kind"] == source.kind and record["vocab_size"] == 400
+    assert all(os.path.exists(os.path.join(ckpt, f)) for f in record["files"])
+    assert load_checkpoint_vocabulary(ckpt) == source
+
+    hf.convert("export", out, ckpt, dtype="float32")
+    assert "warning" not in capsys.readouterr().out
+    assert vocabulary.load_vocabulary(out) == source
+    tok = assert_same_ids(source, out, TEXTS + ["Ελληνικά γράμματα", " 12 plus 30"])
+    assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+    config = json.load(open(os.path.join(out, hf.CONFIG_FILE)))
+    generation = json.load(open(os.path.join(out, vocabulary.GENERATION_CONFIG)))
+    for ids in (config, generation):
+        assert (ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"]) == (1, 2, 0)
+    load_with_transformers(out)  # the weights still load with no missing/unexpected keys
+
+
+def test_byte_vocabulary_exports_a_tokenizer_autotokenizer_loads(tmp_path):
+    from test_vocabulary import TEXTS, assert_same_ids
+    cfg = preset("tiny")
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "export")
+    save_params(ckpt, cfg, init_params(cfg, jax.random.key(0)),
+                vocabulary=vocabulary.ByteVocabulary())
+    hf.convert("export", out, ckpt, dtype="float32")
+    vocab = vocabulary.ByteVocabulary()
+    tok = assert_same_ids(vocab, out, TEXTS + ["\x00\x7f control bytes", "ÿ"])
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok("hi").input_ids == [1] + vocab.encode("hi")
+    assert tok.decode(vocab.encode("Grüße 🎉")) == "Grüße 🎉"
+    # Back in: the export imports with its vocabulary recorded.
+    hf.convert("import", out, str(tmp_path / "again"))
+    assert load_checkpoint_vocabulary(str(tmp_path / "again")) == vocab
+
+
+def test_a_directory_without_tokenizer_still_converts(hf_model_dir, tmp_path, capsys):
+    path, _ = hf_model_dir()
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "export")
+    hf.convert("import", path, ckpt)
+    assert f"note: {path} holds no tokenizer" in capsys.readouterr().out
+    assert load_checkpoint_vocabulary(ckpt) is None
+    hf.convert("export", out, ckpt, dtype="float32")
+    assert f"warning: {ckpt} records no vocabulary" in capsys.readouterr().out
+    assert not any(os.path.exists(os.path.join(out, f))
+                   for f in (vocabulary.TOKENIZER_JSON, vocabulary.VOCABULARY_FILE))
+
+
+def test_export_replaces_an_earlier_tokenizer(tmp_path):
+    cfg = preset("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    out = tmp_path / "hf"
+    from test_vocabulary import train_sentencepiece
+    sp = vocabulary.get_vocabulary(train_sentencepiece(str(tmp_path / "sp")))
+    hf.save_hf(cfg, params, str(out), dtype="float32", vocabulary=sp)
+    assert (out / vocabulary.TOKENIZER_MODEL).exists()
+    hf.save_hf(cfg, params, str(out), dtype="float32", vocabulary=vocabulary.ByteVocabulary())
+    assert not (out / vocabulary.TOKENIZER_MODEL).exists()  # no stale SentencePiece model
+    assert vocabulary.load_vocabulary(str(out)) == vocabulary.ByteVocabulary()
+
+
+def test_import_refuses_a_tokenizer_larger_than_the_embedding(tmp_path):
+    hf_dir = _hf_dir_with_tokenizer(tmp_path, "sentencepiece")
+    _rewrite_config(hf_dir, vocab_size=300)
+    _rewrite_weights(hf_dir, add={
+        "model.embed_tokens.weight": np.zeros((300, 64), np.float32),
+        "lm_head.weight": np.zeros((300, 64), np.float32)})
+    with pytest.raises(ConfigError, match=r"has 400 ids but the model's embedding has 300"):
+        hf.convert("import", hf_dir, str(tmp_path / "ckpt"))
+    assert not os.path.exists(tmp_path / "ckpt" / "model_config.json")
+
+
+def test_import_refuses_pad_equal_to_eos_naming_the_file(tmp_path):
+    hf_dir = _hf_dir_with_tokenizer(tmp_path, "tokenizer_json")
+    config_path = os.path.join(hf_dir, vocabulary.TOKENIZER_CONFIG)
+    config = json.load(open(config_path))
+    json.dump(dict(config, pad_token="</s>"), open(config_path, "w"))
+    with pytest.raises(ConfigError, match=rf"{config_path}: pad_token '</s>' is the EOS token"):
+        hf.convert("import", hf_dir, str(tmp_path / "ckpt"))

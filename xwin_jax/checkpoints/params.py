@@ -4,7 +4,9 @@ The hand-off format between stages inside the project (HF import writes it, HF e
 every stage that starts from a model read it). `DIR/params_digest.json` records a digest of
 the parameter values (checkpoints/digest.py), so a cache built from a checkpoint (DPO's
 reference log-probs) can tell a retrained checkpoint in the same directory from the one it
-was built from.
+was built from. A checkpoint carries its tokenizer: `save_params(..., vocabulary=v)` writes the
+tokenizer files and `DIR/vocabulary.json` (data/vocabulary.py), which
+`load_checkpoint_vocabulary(DIR)` reads back.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from xwin_jax.checkpoints import digest
 from xwin_jax.checkpoints.safetensors_io import CheckpointError
+from xwin_jax.data import vocabulary as vocabulary_lib
 from xwin_jax.models import llama
 from xwin_jax.models.config import LlamaConfig
 
@@ -28,13 +31,20 @@ DIGEST_FILE = "params_digest.json"
 PARAMS_DIR = "params"
 
 
-def save_params(directory: str, cfg: LlamaConfig, params: Any, head: str = "lm") -> None:
+def save_params(directory: str, cfg: LlamaConfig, params: Any, head: str = "lm", *,
+                vocabulary: Any = None) -> None:
     """Writes the config and params (head 'lm': a Llama; 'score': a reward/value model
-    {"model", "score"}); the params directory is replaced if it exists."""
+    {"model", "score"}); the params directory is replaced if it exists. `vocabulary` (a
+    data.vocabulary Vocabulary) is written beside them: its tokenizer files and
+    vocabulary.json. Tokenizer files an earlier checkpoint left in the directory are removed
+    either way: a checkpoint records only the vocabulary its writer gave."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     if jax.process_index() == 0:  # an overwrite killed midway must not look complete
-        for stale in (MODEL_CONFIG_FILE, DIGEST_FILE):
+        # (A vocabulary keeps its files' contents in memory: one loaded from this very
+        # directory survives the removal.)
+        for stale in (MODEL_CONFIG_FILE, DIGEST_FILE, vocabulary_lib.VOCABULARY_FILE,
+                      *vocabulary_lib.TOKENIZER_FILES):
             if os.path.exists(os.path.join(directory, stale)):
                 os.remove(os.path.join(directory, stale))
     checkpointer = ocp.StandardCheckpointer()
@@ -43,12 +53,20 @@ def save_params(directory: str, cfg: LlamaConfig, params: Any, head: str = "lm")
     digest_params = digest.params_digest(params)  # every host takes part (sharded leaves)
     # The config goes last (one writer): its presence marks a complete checkpoint.
     if jax.process_index() == 0:
+        if vocabulary is not None:
+            vocabulary_lib.get_vocabulary(vocabulary).save(directory)
         with open(os.path.join(directory, HEAD_FILE), "w") as f:
             json.dump({"head": head}, f)
         with open(os.path.join(directory, DIGEST_FILE), "w") as f:
             json.dump({"params_digest": digest_params, "algorithm": digest.ALGORITHM}, f)
         with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
+
+
+def load_checkpoint_vocabulary(directory: str):
+    """The vocabulary a checkpoint records (None for one written before checkpoints carried
+    their tokenizer)."""
+    return vocabulary_lib.load_vocabulary(directory)
 
 
 def checkpoint_digest(directory: str) -> str:

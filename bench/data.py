@@ -42,6 +42,7 @@ def main():
     tf.config.threading.set_intra_op_parallelism_threads(1)
 
     from xwin_jax.data import synthetic, tasks, tfds_builder
+    from xwin_jax.data.seqio_sft_data import SeqioSftData
     from xwin_jax.data.sft_data import SftData
 
     suite = synthetic.write_suite(os.path.join(args.workdir, "suite"), seed=0,
@@ -51,9 +52,11 @@ def main():
                                               os.path.join(args.workdir, "tfds"),
                                               max_len=args.seq + 1)
     tasks.register_tfds_sft_task("bench_sft", tfds_name, os.path.join(args.workdir, "tfds"))
-    seqio_data = tasks.SeqioSftData("bench_sft", seq_len=args.seq, batch_size=args.batch)
+    seqio_data = SeqioSftData("bench_sft", seq_len=args.seq, batch_size=args.batch,
+                              vocabulary="bytes")
     began = time.perf_counter()
-    memory_data = SftData([suite["sft_train"]], seq_len=args.seq, batch_size=args.batch)
+    memory_data = SftData([suite["sft_train"]], seq_len=args.seq, batch_size=args.batch,
+                          vocabulary="bytes")
     tokenize_s = time.perf_counter() - began
     print(f"one core; rows {args.batch} x {args.seq}; {len(memory_data.examples)} conversations "
           f"({memory_data.stats.report()})")
@@ -61,7 +64,8 @@ def main():
     print(f"{'TFDS -> seqio -> pack':<40} {rate:>12,.0f} tokens/s", flush=True)
     # SftData packs a whole epoch at its first batch: time two full epochs, packing included.
     epochs = memory_data.epoch_batches(0) + memory_data.epoch_batches(1)
-    memory_data = SftData([suite["sft_train"]], seq_len=args.seq, batch_size=args.batch)
+    memory_data = SftData([suite["sft_train"]], seq_len=args.seq, batch_size=args.batch,
+                          vocabulary="bytes")
     rate = tokens_per_second(memory_data.batches(0), epochs, args.batch, args.seq,
                              skip_first=False)
     print(f"{'JSONL -> template -> pack (2 epochs)':<40} {rate:>12,.0f} tokens/s", flush=True)

@@ -35,7 +35,8 @@ def suite(tmp_path_factory):
 
 
 def test_batches_resume_at_the_same_example(suite):
-    data = SftData([suite["sft_train"]], seq_len=256, batch_size=4, seed=1)
+    data = SftData([suite["sft_train"]], seq_len=256, batch_size=4, seed=1,
+                   vocabulary="bytes")
     assert "SFT examples" in data.report() and data.stats.dropped_examples == 0
     first = data.batches(0)
     stream = [next(first) for _ in range(data.epoch_batches(0) + 3)]  # crosses an epoch
@@ -45,7 +46,8 @@ def test_batches_resume_at_the_same_example(suite):
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key])
     # A fresh object (a restarted process) produces the same batches.
-    again = SftData([suite["sft_train"]], seq_len=256, batch_size=4, seed=1)
+    again = SftData([suite["sft_train"]], seq_len=256, batch_size=4, seed=1,
+                    vocabulary="bytes")
     np.testing.assert_array_equal(again.global_batch(7)["input_tokens"],
                                   data.global_batch(7)["input_tokens"])
     # Epochs are reshuffled.
@@ -54,7 +56,8 @@ def test_batches_resume_at_the_same_example(suite):
 
 
 def test_host_shards_are_disjoint_and_complete(suite, monkeypatch):
-    data = SftData([suite["sft_train"]], seq_len=256, batch_size=6, seed=0)
+    data = SftData([suite["sft_train"]], seq_len=256, batch_size=6, seed=0,
+                   vocabulary="bytes")
     whole = data.global_batch(2)
     parts = []
     for index in range(3):
@@ -69,7 +72,7 @@ def test_host_shards_are_disjoint_and_complete(suite, monkeypatch):
 
 
 def test_loss_weights_cover_answers_and_eos_only(suite):
-    data = SftData([suite["sft_train"]], seq_len=512, batch_size=2)
+    data = SftData([suite["sft_train"]], seq_len=512, batch_size=2, vocabulary="bytes")
     assert data.stats.truncated_examples == 0
     batch = data.global_batch(0)
     targets = batch["target_tokens"][batch["loss_weights"] > 0]

@@ -1,12 +1,17 @@
 """seqio tasks over local files: host shards, seeded shuffling, mixtures, resumable batches."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from xwin_jax.data import synthetic, tasks
 from xwin_jax.data.formats import DataFormatError
+from xwin_jax.data.seqio_sft_data import SeqioSftData
+from xwin_jax.data.vocabulary import ByteVocabulary
+from xwin_jax.errors import ConfigError
 
 seqio = pytest.importorskip("seqio")
 LENGTHS = {"ids": 257, "loss_mask": 257}
@@ -36,10 +41,11 @@ def test_host_shards_are_disjoint_and_complete(suite):
 
 def test_packed_batches_resume_at_the_same_step(suite):
     tasks.register_sft_task("t_sft256", {"train": [suite["sft_train"]]}, max_len=257)
-    data = tasks.SeqioSftData("t_sft256", seq_len=256, batch_size=4, seed=1)
+    data = SeqioSftData("t_sft256", seq_len=256, batch_size=4, vocabulary="bytes", seed=1)
     stream = data.batches(0)
     expected = [next(stream) for _ in range(6)]
-    resumed = tasks.SeqioSftData("t_sft256", seq_len=256, batch_size=4, seed=1).batches(4)
+    resumed = SeqioSftData("t_sft256", seq_len=256, batch_size=4, seed=1).with_vocabulary(
+        "bytes").batches(4)  # bound later, as a job binds its checkpoint's
     for want in expected[4:]:
         got = next(resumed)
         for key in want:
@@ -52,7 +58,8 @@ def test_data_shards_fill_their_own_rows_of_the_global_batch(suite):
     """num_shards=2 on one host lays out rows as two hosts with one shard each would: the
     first half of every batch from shard 0's examples, the second half from shard 1's."""
     tasks.register_sft_task("t_sft_shards", {"train": [suite["sft_train"]]}, max_len=257)
-    data = tasks.SeqioSftData("t_sft_shards", seq_len=256, batch_size=4, seed=2, num_shards=2)
+    data = SeqioSftData("t_sft_shards", seq_len=256, batch_size=4, vocabulary="bytes", seed=2,
+                        num_shards=2)
     assert list(data.host_shards()) == [0, 1]
     batch = next(data.batches(0))
     shard_examples = [set(examples("t_sft_shards", seqio.ShardInfo(i, 2))) for i in range(2)]
@@ -66,7 +73,7 @@ def test_data_shards_fill_their_own_rows_of_the_global_batch(suite):
         assert first_example(row) in shard_examples[shard]
         assert first_example(row) not in shard_examples[1 - shard]
     with pytest.raises(ValueError, match="batch_size=3 does not split into 2 data shards"):
-        tasks.SeqioSftData("t_sft_shards", seq_len=256, batch_size=3, num_shards=2).host_shards()
+        SeqioSftData("t_sft_shards", seq_len=256, batch_size=3, num_shards=2).host_shards()
 
 
 def test_mixture_rates(tmp_path):
@@ -82,7 +89,7 @@ def test_mixture_rates(tmp_path):
     mixture = seqio.get_mixture_or_task("t_mix")
     dataset = mixture.get_dataset(LENGTHS, split="train", shuffle=True, seed=0, num_epochs=None)
     from_a = 0
-    for k, example in zip(range(400), dataset.as_numpy_iterator()):
+    for _, example in zip(range(400), dataset.as_numpy_iterator()):
         from_a += bytes(int(i) - 3 for i in example["ids"][-5:-1]) == b"AAAA"
     assert 0.68 < from_a / 400 < 0.82  # 3:1
 
@@ -152,4 +159,37 @@ def test_sft_trains_from_a_prepared_tfds_task_through_gin(tmp_path):
 def test_seqio_batches_refuse_examples_longer_than_a_row(suite):
     tasks.register_sft_task("t_long", {"train": [suite["sft_train"]]})  # no max_len
     with pytest.raises(ValueError, match=r"max_len <= seq_len \+ 1"):
-        next(tasks.SeqioSftData("t_long", seq_len=64, batch_size=2).batches(0))
+        next(SeqioSftData("t_long", seq_len=64, batch_size=2, vocabulary="bytes").batches(0))
+
+
+def test_seqio_data_binds_its_vocabulary_later_and_fingerprints_its_task(suite):
+    tasks.register_sft_task("t_sft_lazy", {"train": [suite["sft_train"]]}, max_len=257)
+    lazy = SeqioSftData("t_sft_lazy", seq_len=256, batch_size=4, seed=1, num_shards=2)
+    with pytest.raises(ConfigError, match="the data has no vocabulary yet"):
+        next(lazy.batches(0))
+    assert "no vocabulary yet" in lazy.report()
+    identity = {"type": "SeqioSftData", "task": "t_sft_lazy", "split": "train", "seed": 1,
+                "num_shards": 2, "seq_len": 256, "batch_size": 4, "vocabulary": None}
+    assert lazy.fingerprint() == identity
+    bound = lazy.with_vocabulary(ByteVocabulary())
+    eager = SeqioSftData("t_sft_lazy", seq_len=256, batch_size=4, seed=1, num_shards=2,
+                         vocabulary="bytes")
+    assert bound.fingerprint() == eager.fingerprint() == {
+        **identity, "vocabulary": ByteVocabulary().fingerprint()}
+    for got, want in zip([next(bound.batches(0)), next(bound.batches(1))],
+                         [next(eager.batches(0)), next(eager.batches(1))]):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    assert not lazy.has_vocabulary
+    # None shards: one per host, so the identity records the host count it stands for.
+    assert SeqioSftData("t_sft_lazy", seq_len=256, batch_size=4).fingerprint()["num_shards"] == 1
+    assert SeqioSftData("t_sft_lazy", seq_len=256, batch_size=4, seed=2,
+                        num_shards=2).fingerprint() == {**identity, "seed": 2}
+
+
+def test_tasks_and_the_tfds_builder_import_each_other_in_no_cycle():
+    code = ("import sys; import xwin_jax.data.tfds_builder; "
+            "assert 'xwin_jax.data.tasks' not in sys.modules, 'tfds_builder imports tasks'; "
+            "import xwin_jax.data.tasks; "
+            "assert 'xwin_jax.data.seqio_sft_data' not in sys.modules, 'tasks imports it'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -3,53 +3,64 @@
     data = PromptsData(["prompts.jsonl"], max_prompt_len=256, batch_size=64)
     batch = next(data.batches(0))   # tokens / mask / positions [B, max_prompt_len], index [B]
 
-Prompts are read (any prompts format: formats.read_prompts), rendered with the chat template up
-to "ASSISTANT:" and left-padded to one fixed width, so every rollout compiles once. Each epoch
-is a seeded permutation; batch k is a pure function of (files, seed, k).
+Prompts are read at construction (any prompts format: formats.read_prompts; a malformed file
+fails at once, naming file:line). Once a vocabulary is bound (at construction when `vocabulary`
+is given, else when the job binds its checkpoint's: `data.with_vocabulary(vocab)`,
+batching.LazyVocabulary) they are rendered with the chat template up to "ASSISTANT:", and each
+batch is left-padded to one fixed width, so every rollout compiles once. Each epoch is a seeded
+permutation; batch k is a pure function of (files, vocabulary, seed, k).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from xwin_jax.data import converters, formats
-from xwin_jax.data.batching import GlobalBatches
-from xwin_jax.data.vocabulary import get_vocabulary
+from xwin_jax.data.batching import GlobalBatches, LazyVocabulary
 from xwin_jax.errors import ConfigError
+from xwin_jax.fingerprint import file_identity
 
 
 @dataclasses.dataclass
-class PromptsData(GlobalBatches):
+class PromptsData(LazyVocabulary, GlobalBatches):
     paths: Sequence[str]
     max_prompt_len: int
     batch_size: int
-    vocabulary: str = "bytes"
+    # A Vocabulary, 'bytes' or a tokenizer path; None: tokenized once the job binds one.
+    vocabulary: Any = None
     seed: int = 0
     system: str | None = None
     skip_invalid: bool = False
 
+    BOUND = ("ids",)
+
     def __post_init__(self):
         if isinstance(self.paths, str):
             self.paths = [self.paths]
-        self.vocab = get_vocabulary(self.vocabulary)
         self.prompts: list[formats.Prompt] = []
         self.skipped = []
+        self.file_identities = []  # of what was read: a file rewritten later is not this data
         for path in self.paths:
             result = formats.read_prompts(path, skip_invalid=self.skip_invalid)
+            self.file_identities.append(file_identity(path))
             self.prompts += result.records
             self.skipped += result.skipped
         if len(self.prompts) < self.batch_size:
             raise ConfigError(f"{list(self.paths)}: {len(self.prompts)} prompts, fewer than "
                               f"batch_size={self.batch_size}")
-        self.ids = [converters.prompt_ids(p.conversation, self.vocab, self.max_prompt_len,
+        self._bind_given()
+
+    def _tokenize(self, vocab) -> None:
+        self.ids = [converters.prompt_ids(p.conversation, vocab, self.max_prompt_len,
                                           self.system) for p in self.prompts]
 
     def report(self) -> str:
         skipped = f", {len(self.skipped)} invalid records skipped" if self.skipped else ""
-        return f"{len(self.prompts)} prompts{skipped}"
+        unbound = "" if self.has_vocabulary else " (no vocabulary yet)"
+        return f"{len(self.prompts)} prompts{skipped}{unbound}"
 
     @property
     def batches_per_epoch(self) -> int:

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import tensorflow_datasets as tfds
 
 from xwin_jax import hosts
-from xwin_jax.data.tasks import tokenized_examples
+from xwin_jax.data.sft_data import tokenized_examples
 
 VERSION = "1.0.0"
 

@@ -24,6 +24,7 @@ class ReverseTask(GlobalBatches):
     vocab_size: int = 512
     num_symbols: int = 16
     seed: int = 0
+    vocabulary = None  # its ids are its own symbols, not a tokenizer's
 
     def __post_init__(self):
         self.max_items = (self.seq_len - 3) // 2
@@ -32,6 +33,13 @@ class ReverseTask(GlobalBatches):
         if FIRST_SYMBOL + self.num_symbols > self.vocab_size:
             raise ConfigError(f"ReverseTask.num_symbols={self.num_symbols} does not fit "
                               f"vocab_size={self.vocab_size}")
+
+    def with_vocabulary(self, vocab) -> "ReverseTask":
+        """The same task: its ids do not come from a tokenizer (checked to fit, though)."""
+        if vocab.vocab_size < FIRST_SYMBOL + self.num_symbols:
+            raise ConfigError(f"ReverseTask needs {FIRST_SYMBOL + self.num_symbols} ids; the "
+                              f"vocabulary has {vocab.vocab_size}")
+        return self
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])

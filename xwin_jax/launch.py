@@ -6,10 +6,11 @@
 Flags: --gin_file (repeatable, applied in order), --gin_bindings (repeatable), the shorthand
 --gin.NAME=VALUE (= --gin_bindings='NAME = VALUE'), --gin_search_paths, --multihost
 (jax.distributed.initialize before anything touches a device) and --verbose. The full gin
-config is written to OUTPUT_DIR/config.gin before the job starts and the operative one to
-OUTPUT_DIR/operative_config.gin when it ends, both redacted (redaction.py), as is everything
-the job prints. An errors.UserError is printed as one line (and its hint) with exit status
-2; --verbose adds the traceback. The only module that knows about gin.
+config is written into each stage's directory as config.gin when the stage starts and the
+operative one as operative_config.gin when it ends (train/stage.py), both redacted
+(redaction.py), as is everything the job prints. An errors.UserError is printed as one
+line (and its hint) with exit status 2; --verbose adds the traceback. The only module that
+knows about gin.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import re
 import sys
 import traceback
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from xwin_jax import redaction
 from xwin_jax.errors import UserError
@@ -141,17 +142,13 @@ def run_gin_job(files: list[str], bindings: list[str],
         raise GinConfigError(
             f"{', '.join(files)}: no job is bound; a run file must import `xwin_jax.jobs` and "
             f"bind `jobs.run.job` and `jobs.run.output_dir`") from err
-    output_dir_holder = {}
 
-    def on_start(output_dir):
-        output_dir_holder["dir"] = output_dir
-        _write_config(output_dir, "config.gin", gin.config_str())
+    def write_config(directory: str, finished: bool) -> None:
+        name, text = (("operative_config.gin", gin.operative_config_str()) if finished
+                      else ("config.gin", gin.config_str()))
+        _write_config(directory, name, text)
 
-    result = configured_run(on_start=on_start)
-    if "dir" in output_dir_holder:
-        _write_config(output_dir_holder["dir"], "operative_config.gin",
-                      gin.operative_config_str())
-    return result
+    return configured_run(config_writer=write_config)
 
 
 def init_multihost() -> None:

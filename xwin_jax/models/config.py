@@ -36,6 +36,14 @@ class LlamaConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    # The fields a gin file set explicitly (config.preset's overrides): a stage that takes
+    # its architecture from a checkpoint refuses those that contradict it (models/spec.py).
+    # Not part of the config's identity or its saved form.
+    overridden: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
+
+    # Numerics and layout that do not change what a job computes beyond rounding; left out
+    # of job fingerprints (fingerprint.py) so a run may resume with, e.g., another remat.
+    FINGERPRINT_EXCLUDE = ("scan_layers", "remat_policy", "attention_impl", "overridden")
 
     def __post_init__(self):
         # Normalise dtypes to their canonical names so configs compare and serialise cleanly.
@@ -86,11 +94,12 @@ class LlamaConfig:
         return 6.0 * matmul_params + 6.0 * self.num_layers * seq_len * self.hidden_size
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "overridden"}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "LlamaConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"overridden"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown LlamaConfig fields: {unknown}")
@@ -212,4 +221,4 @@ def preset(name: str, **overrides) -> LlamaConfig:
     """A named preset with optional field overrides (the function gin files bind)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown LlamaConfig preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name].replace(**overrides)
+    return PRESETS[name].replace(**overrides, overridden=frozenset(overrides))

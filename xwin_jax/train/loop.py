@@ -1,21 +1,27 @@
-"""The one training loop every stage shares: batches → jitted step → metrics → checkpoint → eval.
+"""The one training loop every stage shares: batches → jitted step → hooks.
 
 It does not care where batches come from: `batches(start_step)` yields process-local NumPy
 batches from `start_step` on, which is also how a resumed run continues at the same example.
-Checkpoints are saved every `checkpoint_every` steps (async), on SIGTERM, and at the end; a
-restart resumes from the latest one. A non-finite loss, gradient norm or updated state (the
-step's `update_finite` metric) stops the run before that state could be saved or exported.
+What happens after each step is a list of hooks, in order:
+
+  StopOnNonFinite  a non-finite loss, gradient norm or updated state (the step's
+                   `update_finite` metric) stops the run before that state is saved
+  LogMetrics       metrics to TensorBoard / JSONL / the progress bar (metrics.py)
+  Evaluate         eval_fn every `eval_every` steps and at the end
+  (extra hooks)    whatever a stage adds
+  Checkpoint       every `checkpoint_every` steps (async), on SIGTERM, and at the end; a
+                   restart resumes from the latest one
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -27,29 +33,6 @@ from xwin_jax.train.metrics import MetricsWriter, device_peak_flops
 
 Batches = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
 CHECKPOINT_DIR = "checkpoints"
-SUMMARY_FILE = "summary.json"
-
-
-def finished_summary(stage_dir: str, stage: str) -> dict | None:
-    """The summary of a stage that already finished (its rerun is a no-op), else None."""
-    path = os.path.join(stage_dir, SUMMARY_FILE)
-    if not os.path.exists(path):
-        return None
-    print(f"[{stage}] already finished ({path}); delete it to run again")
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_summary(stage_dir: str, summary: dict) -> str:
-    """Writes STAGE_DIR/summary.json atomically (host 0 only); its presence marks the stage
-    as finished."""
-    path = os.path.join(stage_dir, SUMMARY_FILE)
-    if jax.process_index() == 0:
-        os.makedirs(stage_dir, exist_ok=True)
-        with open(path + ".partial", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(path + ".partial", path)
-    return path
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -102,13 +85,127 @@ def non_finite_problem(metrics: Mapping[str, float],
     return None
 
 
-def _describe_checkpoint(step: int | None, checkpointer: TrainCheckpointer) -> str:
-    return (f"step {step} in {checkpointer.directory}" if step is not None
-            else "none yet; a rerun starts from the initial weights")
-
-
 def _to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+@dataclasses.dataclass
+class Run:
+    """What hooks see and change: the state after the step, the writer, the checkpointer."""
+    state: Any
+    num_steps: int
+    description: str
+    writer: MetricsWriter
+    checkpointer: TrainCheckpointer
+    stop: _StopFlag
+    last_saved: int | None = None
+    tokens_seen: int = 0
+    last_metrics: dict = dataclasses.field(default_factory=dict)
+    eval_metrics: dict = dataclasses.field(default_factory=dict)
+
+    def save(self, step: int) -> None:
+        self.checkpointer.save(step, self.state, {"step": step, "tokens_seen": self.tokens_seen,
+                                                  "data_position": step})
+        self.last_saved = step
+
+    def describe_last_checkpoint(self) -> str:
+        return (f"step {self.last_saved} in {self.checkpointer.directory}"
+                if self.last_saved is not None
+                else "none yet; a rerun starts from the initial weights")
+
+
+class Hook:
+    """Work after a step (`done` steps are finished; `metrics` are host floats) and once at
+    the end of a run. A hook stops the run by raising."""
+
+    def after_step(self, run: Run, done: int, metrics: dict) -> None:
+        pass
+
+    def at_end(self, run: Run) -> None:
+        pass
+
+
+class StopOnNonFinite(Hook):
+    def __init__(self, checked: tuple[str, ...] = ("loss", "grad_norm")):
+        self.checked = checked
+
+    def after_step(self, run, done, metrics):
+        problem = non_finite_problem(metrics, self.checked)
+        if problem:
+            run.checkpointer.wait()  # the last good checkpoint is complete on disk
+            raise NonFiniteError(
+                f"step {done}: {problem}; stopped without saving this state (last "
+                f"checkpoint: {run.describe_last_checkpoint()})",
+                hint="lower the learning rate (or raise warmup_steps) or check the data for "
+                     "extreme examples, then rerun: training resumes from the last checkpoint")
+
+
+class LogMetrics(Hook):
+    """Adds step time, tokens/s and MFU to the step's metrics and writes them."""
+
+    def __init__(self, start_step: int, flops_per_token: float | None, peak: float | None):
+        self.start_step, self.flops_per_token, self.peak = start_step, flops_per_token, peak
+        self.train_time, self.timed_tokens = 0.0, 0
+
+    def after_step(self, run, done, metrics):
+        tokens, elapsed = int(metrics["num_input_tokens"]), metrics.pop("step_time_s")
+        run.tokens_seen += tokens
+        if done - 1 > self.start_step:  # the first step of a run includes compilation
+            self.train_time += elapsed
+            self.timed_tokens += tokens
+        scalars = dict(metrics, step_time_s=elapsed, tokens_per_s=tokens / elapsed,
+                       tokens_seen=run.tokens_seen)
+        if self.flops_per_token and self.peak:
+            scalars["mfu"] = tokens / elapsed * self.flops_per_token / self.peak
+        run.writer.write(done, scalars)
+        run.last_metrics = scalars
+        postfix = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{scalars['tokens_per_s']:,.0f}"}
+        if "mfu" in scalars:
+            postfix["mfu"] = f"{scalars['mfu']:.1%}"
+        run.writer.progress(done, postfix)
+
+    def summary(self) -> dict:
+        out = {"train_time_s": round(self.train_time, 3),
+               "tokens_per_s": self.timed_tokens / self.train_time if self.train_time else None}
+        if self.flops_per_token and self.peak and self.train_time:
+            out["mfu"] = self.timed_tokens / self.train_time * self.flops_per_token / self.peak
+        return out
+
+
+class Evaluate(Hook):
+    def __init__(self, eval_fn: Callable[[Any], Mapping[str, float]], every: int = 0):
+        self.eval_fn, self.every = eval_fn, every
+
+    def _run(self, run: Run, step: int) -> None:
+        run.eval_metrics = dict(self.eval_fn(run.state))
+        run.writer.write(step, run.eval_metrics, prefix="eval")
+
+    def after_step(self, run, done, metrics):
+        if self.every and done % self.every == 0:
+            self._run(run, done)
+            run.writer.message(f"[{run.description}] step {done}: " + ", ".join(
+                f"eval {k} {v:.4f}" for k, v in run.eval_metrics.items()))
+
+    def at_end(self, run):
+        if not run.eval_metrics or not self.every or run.num_steps % self.every:
+            self._run(run, run.num_steps)
+
+
+class Checkpoint(Hook):
+    def __init__(self, every: int):
+        if every < 0:
+            raise ConfigError(f"checkpoint_every={every}: use N >= 1, or 0 for only the final "
+                              f"step (and SIGTERM)")
+        self.every = every
+
+    def after_step(self, run, done, metrics):
+        stopping = run.stop.any_host()
+        if (self.every and done % self.every == 0) or done == run.num_steps or stopping:
+            run.save(done)
+        if stopping:
+            run.checkpointer.wait()
+            raise Preempted(f"SIGTERM at step {done}: checkpoint saved in "
+                            f"{run.checkpointer.directory}; rerun the same command to resume")
 
 
 def train_loop(*, stage_dir: str, num_steps: int, partitioner: Partitioner,
@@ -117,15 +214,17 @@ def train_loop(*, stage_dir: str, num_steps: int, partitioner: Partitioner,
                batches: Batches, checkpoint_every: int = 100, keep_checkpoints: int = 3,
                async_checkpoints: bool = True,
                eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
-               eval_every: int = 0, flops_per_token: float | None = None,
-               peak_tflops: float | None = None, description: str = "train"
-               ) -> tuple[Any, dict]:
+               eval_every: int = 0, hooks: Sequence[Hook] = (),
+               flops_per_token: float | None = None, peak_tflops: float | None = None,
+               description: str = "train") -> tuple[Any, dict]:
     """Runs (or resumes) training to `num_steps`; returns (final state, summary dict).
 
     `abstract_state` is the state's ShapeDtypeStruct tree with shardings (the restore
     target, so resuming never builds the initial state); `train_step` returns metrics that
-    include `loss`, `grad_norm` and `num_input_tokens`.
+    include `loss`, `grad_norm` and `num_input_tokens`. `hooks` run after the standard ones
+    and before the checkpoint (see the module docstring).
     """
+    checkpoint_hook = Checkpoint(checkpoint_every)
     checkpointer = TrainCheckpointer(os.path.join(stage_dir, CHECKPOINT_DIR), keep_checkpoints,
                                      async_checkpoints)
     start_step, tokens_seen = 0, 0
@@ -136,87 +235,38 @@ def train_loop(*, stage_dir: str, num_steps: int, partitioner: Partitioner,
     else:
         state = init_state()
     writer = MetricsWriter(stage_dir, num_steps, start_step, description=description)
-    if checkpoint_every < 0:
-        raise ConfigError(f"checkpoint_every={checkpoint_every}: use N >= 1, or 0 for only "
-                          f"the final step (and SIGTERM)")
     if latest is not None:
         writer.message(f"[{description}] resumed from step {start_step} "
                        f"({checkpointer.directory})")
-    peak = device_peak_flops(peak_tflops, partitioner.mesh.size)
-    last_saved = latest
-    train_time, timed_tokens, eval_metrics, last_metrics = 0.0, 0, {}, {}
-
-    def save(step):
-        nonlocal last_saved
-        checkpointer.save(step, state, {"step": step, "tokens_seen": tokens_seen,
-                                        "data_position": step})
-        last_saved = step
-
+    log = LogMetrics(start_step, flops_per_token,
+                     device_peak_flops(peak_tflops, partitioner.mesh.size))
+    all_hooks = [StopOnNonFinite(), log] + ([Evaluate(eval_fn, eval_every)] if eval_fn else []) \
+        + list(hooks) + [checkpoint_hook]
     try:
         with _StopFlag() as stop:
+            run = Run(state, num_steps, description, writer, checkpointer, stop,
+                      last_saved=latest, tokens_seen=tokens_seen)
             data = batches(start_step)
             for step in range(start_step, num_steps):
                 batch = partitioner.shard_batch(next(data))
                 began = time.perf_counter()
-                state, metrics = train_step(state, batch)
+                run.state, metrics = train_step(run.state, batch)
                 metrics = _to_python(metrics)  # waits for the step
-                elapsed = time.perf_counter() - began
-                done = step + 1
-                problem = non_finite_problem(metrics)
-                if problem:
-                    checkpointer.wait()  # the last good checkpoint is complete on disk
-                    raise NonFiniteError(
-                        f"step {done}: {problem}; stopped without saving this state (last "
-                        f"checkpoint: {_describe_checkpoint(last_saved, checkpointer)})",
-                        hint="lower the learning rate (or raise warmup_steps) or check the "
-                             "data for extreme examples, then rerun: training resumes from "
-                             "the last checkpoint")
-                tokens = int(metrics["num_input_tokens"])
-                tokens_seen += tokens
-                if step > start_step:  # the first step of a run includes compilation
-                    train_time += elapsed
-                    timed_tokens += tokens
-                scalars = dict(metrics, step_time_s=elapsed, tokens_per_s=tokens / elapsed,
-                               tokens_seen=tokens_seen)
-                if flops_per_token and peak:
-                    scalars["mfu"] = tokens / elapsed * flops_per_token / peak
-                writer.write(done, scalars)
-                last_metrics = scalars
-                postfix = {"loss": f"{metrics['loss']:.4f}",
-                           "tok/s": f"{scalars['tokens_per_s']:,.0f}"}
-                if "mfu" in scalars:
-                    postfix["mfu"] = f"{scalars['mfu']:.1%}"
-                writer.progress(done, postfix)
-                if eval_fn is not None and eval_every and done % eval_every == 0:
-                    eval_metrics = dict(eval_fn(state))
-                    writer.write(done, eval_metrics, prefix="eval")
-                    writer.message(f"[{description}] step {done}: " + ", ".join(
-                        f"eval {k} {v:.4f}" for k, v in eval_metrics.items()))
-                stopping = stop.any_host()
-                if (checkpoint_every and done % checkpoint_every == 0) or done == num_steps \
-                        or stopping:
-                    save(done)
-                if stopping:
-                    checkpointer.wait()
-                    raise Preempted(f"SIGTERM at step {done}: checkpoint saved in "
-                                    f"{checkpointer.directory}; rerun the same command to resume")
-        if eval_fn is not None and (not eval_metrics or not eval_every
-                                    or num_steps % eval_every):
-            eval_metrics = dict(eval_fn(state))
-            writer.write(num_steps, eval_metrics, prefix="eval")
+                metrics["step_time_s"] = time.perf_counter() - began
+                for hook in all_hooks:
+                    hook.after_step(run, step + 1, metrics)
+            for hook in all_hooks:
+                hook.at_end(run)
     finally:
         checkpointer.close()
         writer.close()
     summary = {
         "steps": num_steps,
         "resumed_from_step": start_step if latest is not None else None,
-        "final_train_loss": last_metrics.get("loss"),
-        "final_metrics": last_metrics,
-        "final_eval": eval_metrics,
-        "tokens_seen": tokens_seen,
-        "train_time_s": round(train_time, 3),
-        "tokens_per_s": timed_tokens / train_time if train_time else None,
+        "final_train_loss": run.last_metrics.get("loss"),
+        "final_metrics": run.last_metrics,
+        "final_eval": run.eval_metrics,
+        "tokens_seen": run.tokens_seen,
+        **log.summary(),
     }
-    if flops_per_token and peak and train_time:
-        summary["mfu"] = timed_tokens / train_time * flops_per_token / peak
-    return state, summary
+    return run.state, summary

@@ -1,7 +1,8 @@
-"""The sharded pieces every stage builds the same way: state shardings, init, the step.
+"""Where a training stage starts, and the sharded pieces every stage builds the same way.
 
-    setup = ShardedTraining.create(model_cfg, partitioner, optimizer, seed)
-    state = setup.init_state(host_params)          # or None for a random init
+    start = Start.resolve(model, init_dir, vocabulary)    # config + tokenizer + checkpoint
+    setup = ShardedTraining.create(spec(SCORE), start.config, partitioner, optimizer, seed)
+    state = setup.init_state(setup.initial_params(start.checkpoint))   # None: random init
     step = setup.partition_step(make_train_step(loss_fn, optimizer, schedule))
 """
 
@@ -11,17 +12,66 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import optax
 
-from xwin_jax.checkpoints import hf
 from xwin_jax.checkpoints.manager import abstract_like
-from xwin_jax.checkpoints.params import load_config
-from xwin_jax.errors import ConfigError
+from xwin_jax.data.vocabulary import resolve_vocabulary
 from xwin_jax.models.config import LlamaConfig
-from xwin_jax.models.llama import init_params, param_logical_axes
+from xwin_jax.errors import ConfigError
+from xwin_jax.models.spec import (LM, Checkpoint, ModelSpec, check_context, open_checkpoint,
+                                  place, spec)
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train import state as train_state
+from xwin_jax.train.loop import train_loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """What a stage starts from: the model config (the checkpoint's architecture, the gin
+    model's numerics), the checkpoint (None: a random init) and the vocabulary (the one the
+    checkpoint records unless `vocabulary` overrides it; bytes for a random init)."""
+    config: LlamaConfig
+    checkpoint: Checkpoint | None
+    vocabulary: Any
+
+    @classmethod
+    def resolve(cls, model: LlamaConfig, init_dir: str | None, vocabulary: Any = None, *,
+                what: str = "init_dir") -> "Start":
+        ckpt = open_checkpoint(init_dir, model, what=what) if init_dir else None
+        cfg = ckpt.config if ckpt else model
+        vocab = resolve_vocabulary(vocabulary, ckpt.vocabulary if ckpt else None,
+                                   cfg.vocab_size, ckpt.path if ckpt else None)
+        return cls(cfg, ckpt, vocab)
+
+    @classmethod
+    def policy(cls, model: LlamaConfig, ckpt_dir: str | None, vocabulary: Any = None, *,
+               what: str = "POLICY_DIR") -> "Start":
+        """A language model to sample from or start a policy from: it must be given and hold
+        an LM (a params checkpoint or an HF directory)."""
+        if not ckpt_dir:
+            raise ConfigError(f"{what}: no checkpoint given",
+                              hint="give a language model: a stage's final/ (e.g. "
+                                   "WORKDIR/sft/final) or an HF directory")
+        start = cls.resolve(model, ckpt_dir, vocabulary, what=what)
+        if start.checkpoint.kind != LM:
+            raise ConfigError(f"{what}={start.checkpoint.path} holds a "
+                              f"{start.checkpoint.kind!r} model, not a language model",
+                              hint="give a language model: a stage's final/ (e.g. "
+                                   "WORKDIR/sft/final) or an HF directory")
+        return start
+
+    def fingerprint(self) -> dict:
+        return {"model": self.config, "checkpoint": self.checkpoint,
+                "vocabulary": self.vocabulary.fingerprint()}
+
+    def bind(self, *datasets: Any) -> list[Any]:
+        """Each data set (None stays None) bound to this vocabulary, its sequence length
+        checked against the model's context."""
+        for data in datasets:
+            if data is not None:
+                check_context(self.config, getattr(data, "seq_len", None))
+        return [None if data is None else data.with_vocabulary(self.vocabulary)
+                for data in datasets]
 
 
 def state_shardings(partitioner: Partitioner, optimizer: optax.GradientTransformation,
@@ -35,28 +85,9 @@ def state_shardings(partitioner: Partitioner, optimizer: optax.GradientTransform
                                   opt_state=opt)
 
 
-def initial_model(model: LlamaConfig, init_hf_dir: str | None,
-                  init_params_dir: str | None) -> LlamaConfig:
-    """The config to train: the architecture from the starting checkpoint (if any), numerics
-    and layout (dtype, remat, ...) from `model`. Reads configs only, never weights."""
-    if init_hf_dir and init_params_dir:
-        raise ConfigError("set init_hf_dir or init_params_dir, not both")
-    if init_hf_dir:
-        return hf.read_hf_config(init_hf_dir, **model.runtime_fields())
-    if init_params_dir:
-        return load_config(init_params_dir).replace(**model.runtime_fields())
-    return model
-
-
-def put_global(host_array, sharding):
-    """A host array (the same on every process) → a global array, each device taking only
-    its shard."""
-    return jax.make_array_from_callback(host_array.shape, sharding,
-                                        lambda index: host_array[index])
-
-
 @dataclasses.dataclass
 class ShardedTraining:
+    spec: ModelSpec
     model: LlamaConfig
     partitioner: Partitioner
     optimizer: optax.GradientTransformation
@@ -65,37 +96,46 @@ class ShardedTraining:
     abstract_state: train_state.TrainState  # ShapeDtypeStructs carrying the shardings
     shardings: train_state.TrainState
 
-    init_fn: Callable[[LlamaConfig, jax.Array], Any] = init_params
-
     @classmethod
-    def create(cls, model: LlamaConfig, partitioner: Partitioner,
-               optimizer: optax.GradientTransformation, seed: int = 0,
-               init_fn: Callable[[LlamaConfig, jax.Array], Any] = init_params,
-               logical_axes_fn: Callable[[LlamaConfig], Any] = param_logical_axes
-               ) -> "ShardedTraining":
-        """init_fn / logical_axes_fn: the model's parameters (default: a Llama LM; a reward
-        model passes heads.init_reward_params and heads.reward_param_logical_axes)."""
-        shapes = jax.eval_shape(lambda: init_fn(model, jax.random.key(seed)))
-        param_shardings = partitioner.shardings_for(logical_axes_fn(model), shapes)
+    def create(cls, model_spec: ModelSpec | str, model: LlamaConfig, partitioner: Partitioner,
+               optimizer: optax.GradientTransformation, seed: int = 0) -> "ShardedTraining":
+        model_spec = spec(model_spec) if isinstance(model_spec, str) else model_spec
+        shapes = model_spec.shapes(model)
+        param_shardings = partitioner.shardings_for(model_spec.logical_axes(model), shapes)
         abstract = jax.eval_shape(lambda p: train_state.init_state(p, optimizer), shapes)
         shardings = state_shardings(partitioner, optimizer, abstract, param_shardings)
-        return cls(model, partitioner, optimizer, seed, param_shardings,
-                   abstract_like(abstract, shardings), shardings, init_fn)
+        return cls(model_spec, model, partitioner, optimizer, seed, param_shardings,
+                   abstract_like(abstract, shardings), shardings)
+
+    def initial_params(self, checkpoint: Checkpoint | None) -> Any | None:
+        """The checkpoint's params in this model's kind and shardings (None: random init)."""
+        if checkpoint is None:
+            return None
+        return checkpoint.load(self.spec.kind, self.param_shardings, seed=self.seed)
 
     def init_state(self, params: Any | None = None) -> train_state.TrainState:
-        """From params — host arrays (e.g. an HF import) or global arrays already sharded —
-        or, with None, a random init computed already sharded."""
+        """From params — host arrays or global arrays already sharded — or, with None, a
+        random init computed already sharded."""
         if params is None:
             params = self.partitioner.init(
-                lambda: self.init_fn(self.model, jax.random.key(self.seed)),
+                lambda: self.spec.init(self.model, jax.random.key(self.seed)),
                 self.param_shardings)
         else:
-            params = jax.tree.map(
-                lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s
-                else put_global(np.asarray(x), s), params, self.param_shardings)
+            params = place(params, self.param_shardings)
         init = jax.jit(lambda p: train_state.init_state(p, self.optimizer),
                        out_shardings=self.shardings)
         return init(params)
+
+    def train(self, start: Start, stage_dir: str, train_steps: int, train_step: Callable,
+              batches: Callable, **loop: Any) -> tuple[train_state.TrainState, dict]:
+        """The training loop (`loop`: checkpointing, eval, hooks, description) from the
+        start's checkpoint, or a random init without one; resumes from the stage's latest
+        checkpoint instead when there is one."""
+        return train_loop(
+            stage_dir=stage_dir, num_steps=train_steps, partitioner=self.partitioner,
+            init_state=lambda: self.init_state(self.initial_params(start.checkpoint)),
+            abstract_state=self.abstract_state, train_step=train_step, batches=batches,
+            **loop)
 
     def partition_step(self, step: Callable) -> Callable:
         """(state, batch) → (state, metrics), state donated, metrics replicated."""
@@ -104,7 +144,17 @@ class ShardedTraining:
             out_shardings=(self.shardings, self.partitioner.replicated), donate_argnums=(0,))
 
     def partition_eval(self, eval_step: Callable) -> Callable:
-        """(params, batch) → replicated metric sums."""
+        """(params, batch) → replicated outputs."""
         return self.partitioner.partition(
             eval_step, in_shardings=(self.param_shardings, self.partitioner.batch_sharding),
             out_shardings=self.partitioner.replicated)
+
+
+def frozen_params(checkpoint: Checkpoint, kind: str, partitioner: Partitioner,
+                  seed: int = 0) -> tuple[Any, Any]:
+    """(params, shardings) of a model that is not trained (a reference policy, a reward
+    model), placed in the training layout."""
+    model_spec = spec(kind)
+    shardings = model_spec.shardings(checkpoint.config, partitioner)
+    return checkpoint.load(kind, shardings, seed=seed), shardings
+

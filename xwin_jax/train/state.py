@@ -1,8 +1,13 @@
-"""TrainState and the optimizer: AdamW with masked weight decay, warmup + decay, clipping."""
+"""TrainState and the optimizer: AdamW with masked weight decay, warmup + decay, clipping.
+
+Every stage builds its optimizer the same way: an OptimizerConfig (what gin binds) built for
+the stage's number of updates.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any
 
 import flax.struct
 import jax
@@ -65,6 +70,32 @@ def make_optimizer(schedule: optax.Schedule | float, *, b1: float = 0.9, b2: flo
     return optax.chain(*parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with global-norm clipping and a warmup + decay schedule (make_schedule)."""
+    learning_rate: float = 2e-5
+    warmup_steps: int = 0
+    decay: str = "cosine"
+    final_learning_rate_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+    def schedule(self, total_steps: int) -> optax.Schedule:
+        return make_schedule(self.learning_rate, total_steps, self.warmup_steps, self.decay,
+                             self.final_learning_rate_ratio)
+
+    def build(self, total_steps: int
+              ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+        """(optimizer, schedule) for a run of `total_steps` updates."""
+        schedule = self.schedule(total_steps)
+        return make_optimizer(schedule, b1=self.b1, b2=self.b2, eps=self.eps,
+                              weight_decay=self.weight_decay,
+                              max_grad_norm=self.max_grad_norm), schedule
+
+
 def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params))
@@ -84,65 +115,3 @@ def all_finite(*trees: Any) -> jax.Array:
               if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
         else jnp.asarray(True)
-
-
-def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]], params: Any,
-                         batch: dict, num_micro_batches: int):
-    """Gradients of loss_fn summed over micro-batches of `batch` (split on the leading axis).
-
-    loss_fn returns (a *sum* over the micro-batch, metric sums); because the normalisation
-    happens once over the whole batch afterwards, the result equals the big-batch gradient.
-    """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if num_micro_batches == 1:
-        (loss, sums), grads = grad_fn(params, batch)
-        return loss, sums, grads
-
-    def split(x):
-        if x.shape[0] % num_micro_batches:
-            raise ConfigError(f"batch of {x.shape[0]} rows does not split into "
-                              f"{num_micro_batches} micro-batches")
-        return x.reshape((num_micro_batches, x.shape[0] // num_micro_batches) + x.shape[1:])
-
-    micro = jax.tree.map(split, batch)
-
-    def body(carry, micro_batch):
-        (loss, sums), grads = grad_fn(params, micro_batch)
-        acc_loss, acc_sums, acc_grads = carry
-        return (acc_loss + loss, jax.tree.map(jnp.add, acc_sums, sums),
-                jax.tree.map(jnp.add, acc_grads, grads)), None
-
-    first = jax.tree.map(lambda x: x[0], micro)
-    (loss0, sums0), grads0 = grad_fn(params, first)
-    rest = jax.tree.map(lambda x: x[1:], micro)
-    (loss, sums, grads), _ = jax.lax.scan(body, (loss0, sums0, grads0), rest)
-    return loss, sums, grads
-
-
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, num_micro_batches: int = 1,
-                    count: str = "num_tokens",
-                    input_tokens: Callable[[dict], int] = lambda b: b["input_tokens"].size
-                    ) -> Callable:
-    """(state, batch) → (state, metrics) for any loss_fn returning (summed objective, sums).
-
-    Gradients and every `*_sum` metric are divided by sums[count] over the whole batch (target
-    tokens for SFT, pairs for a reward model), which is what makes micro-batching exact;
-    `correct` becomes `accuracy`. `update_finite` (1 or 0) says whether the updated params and
-    optimizer state are all finite; the loop refuses to save a state where it is 0."""
-    def step(state, batch):
-        _, sums, grads = accumulate_gradients(loss_fn, state.params, batch, num_micro_batches)
-        n = jnp.maximum(sums[count], 1.0)
-        # Keep each gradient in its parameter dtype: an fp32 count would promote bf16
-        # gradients, and with them AdamW's moments, changing the state's dtypes after step 1.
-        grads = jax.tree.map(lambda g: (g / n).astype(g.dtype), grads)
-        metrics = {name[:-len("_sum")]: value / n for name, value in sums.items()
-                   if name.endswith("_sum")}
-        metrics.update(accuracy=sums["correct"] / n, grad_norm=optax.global_norm(grads),
-                       learning_rate=schedule(state.step),
-                       num_input_tokens=jnp.asarray(input_tokens(batch), jnp.float32))
-        metrics[count] = sums[count]
-        state = apply_gradients(state, grads, optimizer)
-        metrics["update_finite"] = all_finite(state.params, state.opt_state).astype(jnp.float32)
-        return state, metrics
-    return step

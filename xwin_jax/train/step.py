@@ -1,0 +1,102 @@
+"""The loss output every stage's loss returns, and the one train step built from it.
+
+    def loss_fn(params, batch) -> LossOutput:
+        return LossOutput(objective=summed_loss, count=num_tokens, count_name="num_tokens",
+                          sums={"nll": nll_sum, "accuracy": correct_sum})
+
+`objective` is a *sum* over the batch of what is minimised and `count` its denominator
+(target tokens for SFT, pairs for a reward model or DPO). The step divides once over the
+whole batch, which is what makes micro-batching exact, and logs `loss` = objective / count —
+exactly what the gradient minimises — and every entry of `sums` divided by the same count.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from xwin_jax.errors import ConfigError
+from xwin_jax.train.state import all_finite, apply_gradients
+
+
+@flax.struct.dataclass
+class LossOutput:
+    objective: jax.Array  # summed over the batch: what the gradient minimises
+    count: jax.Array  # the denominator of every reported mean
+    sums: dict[str, jax.Array]  # other summed metrics, reported divided by count
+    count_name: str = flax.struct.field(pytree_node=False, default="num_tokens")
+
+    def __add__(self, other: "LossOutput") -> "LossOutput":
+        return jax.tree.map(jnp.add, self, other)
+
+    def means(self) -> dict[str, jax.Array]:
+        """loss and every sum divided by the count (at least 1), plus the count itself."""
+        n = jnp.maximum(self.count, 1.0)
+        return {"loss": self.objective / n, **{k: v / n for k, v in self.sums.items()},
+                self.count_name: self.count}
+
+
+LossFn = Callable[[Any, dict], LossOutput]
+
+
+def accumulate_gradients(loss_fn: LossFn, params: Any, batch: dict, num_micro_batches: int
+                         ) -> tuple[LossOutput, Any]:
+    """(summed LossOutput, summed gradients of the objective) over micro-batches of `batch`
+    (split on the leading axis): equal to the big batch's, at a fraction of the memory."""
+    grad_fn = jax.grad(lambda p, b: (lambda out: (out.objective, out))(loss_fn(p, b)),
+                       has_aux=True)
+    if num_micro_batches == 1:
+        grads, out = grad_fn(params, batch)
+        return out, grads
+
+    def split(x):
+        if x.shape[0] % num_micro_batches:
+            raise ConfigError(f"batch of {x.shape[0]} rows does not split into "
+                              f"{num_micro_batches} micro-batches")
+        return x.reshape((num_micro_batches, x.shape[0] // num_micro_batches) + x.shape[1:])
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, micro_batch):
+        grads, out = grad_fn(params, micro_batch)
+        acc_out, acc_grads = carry
+        return (acc_out + out, jax.tree.map(jnp.add, acc_grads, grads)), None
+
+    grads0, out0 = grad_fn(params, jax.tree.map(lambda x: x[0], micro))
+    (out, grads), _ = jax.lax.scan(body, (out0, grads0), jax.tree.map(lambda x: x[1:], micro))
+    return out, grads
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, num_micro_batches: int = 1,
+                    input_tokens: Callable[[dict], int] = lambda b: b["input_tokens"].size
+                    ) -> Callable:
+    """(state, batch) → (state, metrics) for any stage's loss_fn.
+
+    Metrics: the LossOutput's means, grad_norm, learning_rate, num_input_tokens, and
+    `update_finite` (1 or 0): whether the updated params and optimizer state are all finite;
+    the loop refuses to save a state where it is 0."""
+    def step(state, batch):
+        out, grads = accumulate_gradients(loss_fn, state.params, batch, num_micro_batches)
+        n = jnp.maximum(out.count, 1.0)
+        # Keep each gradient in its parameter dtype: an fp32 count would promote bf16
+        # gradients, and with them AdamW's moments, changing the state's dtypes after step 1.
+        grads = jax.tree.map(lambda g: (g / n).astype(g.dtype), grads)
+        metrics = dict(out.means(), grad_norm=optax.global_norm(grads),
+                       learning_rate=schedule(state.step),
+                       num_input_tokens=jnp.asarray(input_tokens(batch), jnp.float32))
+        state = apply_gradients(state, grads, optimizer)
+        metrics["update_finite"] = all_finite(state.params, state.opt_state).astype(jnp.float32)
+        return state, metrics
+    return step
+
+
+def make_eval_step(loss_fn: LossFn) -> Callable[[Any, dict], LossOutput]:
+    """(params, batch) → the batch's LossOutput; add them up over an eval set, then means()."""
+    def step(params, batch):
+        return loss_fn(params, batch)
+    return step

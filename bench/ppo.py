@@ -27,6 +27,7 @@ from bench.common import CONFIGS, on_gpu  # noqa: E402
 from xwin_jax.checkpoints.params import save_params  # noqa: E402
 from xwin_jax.data import formats  # noqa: E402
 from xwin_jax.data.prompts_data import PromptsData  # noqa: E402
+from xwin_jax.data.vocabulary import ByteVocabulary  # noqa: E402
 from xwin_jax.models import heads, llama  # noqa: E402
 from xwin_jax.train import ppo  # noqa: E402
 
@@ -38,8 +39,7 @@ class RandomPromptsData(PromptsData):
     """Prompts of exactly `max_prompt_len` random ids below `vocab_size`."""
     vocab_size: int = 512
 
-    def __post_init__(self):
-        super().__post_init__()
+    def _tokenize(self, vocab) -> None:  # when the job binds the policy's vocabulary
         rng = np.random.default_rng(0)
         self.ids = [[1] + rng.integers(3, self.vocab_size, self.max_prompt_len - 1).tolist()
                     for _ in self.prompts]
@@ -48,9 +48,10 @@ class RandomPromptsData(PromptsData):
 def run_case(name: str, cfg, batch: int, prompt: int, new: int, iterations: int,
              epochs: int, minibatches: int) -> dict:
     with tempfile.TemporaryDirectory() as root:
-        save_params(os.path.join(root, "policy"), cfg, llama.init_params(cfg, jax.random.key(0)))
-        save_params(os.path.join(root, "rm"), cfg,
-                    heads.init_reward_params(cfg, jax.random.key(1)), head="score")
+        save_params(os.path.join(root, "policy"), cfg, llama.init_params(cfg, jax.random.key(0)),
+                    vocabulary=ByteVocabulary())
+        save_params(os.path.join(root, "rm"), cfg, heads.init_reward_params(
+            cfg, jax.random.key(1)), head="score", vocabulary=ByteVocabulary())
         formats.write_jsonl(os.path.join(root, "prompts.jsonl"),
                             [{"prompt": f"p{i}"} for i in range(batch)])
         prompts = RandomPromptsData([os.path.join(root, "prompts.jsonl")],

@@ -39,9 +39,8 @@ def batch_of(tokens):
 
 def bench_ours(cfg, tokens, iters, warmup, logits_chunk):
     partitioner = Partitioner({"fsdp": -1})
-    schedule = train_state.make_schedule(LEARNING_RATE, 1000)
-    optimizer = train_state.make_optimizer(schedule, max_grad_norm=1.0)
-    setup = ShardedTraining.create(cfg, partitioner, optimizer)
+    optimizer, schedule = train_state.OptimizerConfig(learning_rate=LEARNING_RATE).build(1000)
+    setup = ShardedTraining.create("lm", cfg, partitioner, optimizer)
     step = setup.partition_step(sft.make_train_step(
         sft.sft_loss_fn(cfg, chunk_size=logits_chunk), optimizer, schedule))
     batch = partitioner.shard_batch(batch_of(tokens))

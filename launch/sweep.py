@@ -1,12 +1,12 @@
 """Grid sweeps over gin bindings: one named run (and WORKDIR) per point of the grid.
 
     python launch/sweep.py --gin_file=gin/experiments/tiny_sft.gin \\
-        --grid "sft.train_sft.learning_rate=[1e-3, 3e-3]" --grid "BATCH_SIZE=[4, 8]" \\
+        --grid "LEARNING_RATE=[1e-3, 3e-3]" --grid "BATCH_SIZE=[4, 8]" \\
         --set TRAIN_STEPS=20 --name lr_bs --root /tmp/sweeps --mode local
     python launch/sweep.py collect --root /tmp/sweeps --name lr_bs   # sweep.csv + sweep.md
 
 Runs are the grid's product, the last --grid varying fastest, each named from its values,
-e.g. `learning_rate=0.001,BATCH_SIZE=4`, with WORKDIR <root>/<name>/<run>. Grid values are
+e.g. `LEARNING_RATE=0.001,BATCH_SIZE=4`, with WORKDIR <root>/<name>/<run>. Grid values are
 Python/gin literals (numbers, 'quoted strings', True/False/None, lists); --set bindings are
 passed to every run as they are (so they may be gin references like @foo()).
 
@@ -59,7 +59,7 @@ UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+-]")
 
 @dataclass(frozen=True)
 class GridAxis:
-    binding: str        # the full gin name, e.g. sft.train_sft.learning_rate
+    binding: str        # the full gin name, e.g. LEARNING_RATE
     values: tuple       # Python values, in the order given
     arg: str            # the --grid argument, for error messages
 
@@ -81,7 +81,7 @@ def split_binding(arg: str, flag: str) -> tuple[str, str]:
         raise SweepError(f"{flag} {arg!r}: expected NAME=VALUE")
     if not BINDING_NAME.match(name):
         raise SweepError(f"{flag} {arg!r}: {name!r} is not a gin name (like "
-                         "sft.train_sft.learning_rate or BATCH_SIZE)")
+                         "LEARNING_RATE or BATCH_SIZE)")
     return name, value.strip()
 
 
@@ -126,8 +126,8 @@ def parse_sets(args: list[str]) -> list[tuple[str, str]]:
 
 
 def column_names(axes: list[GridAxis]) -> list[str]:
-    """The last component of each binding (learning_rate), or the whole name where two axes
-    share it."""
+    """The last component of each binding (learning_rate of a.b.learning_rate), or the whole
+    name where two axes share it."""
     short = [re.split(r"[./]", axis.binding)[-1] for axis in axes]
     return [s if short.count(s) == 1 else axis.binding for s, axis in zip(short, axes)]
 

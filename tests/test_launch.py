@@ -71,7 +71,8 @@ def test_convert_round_trip_through_launch(tmp_path):
     cfg, params = params_ckpt.load_params(ckpt_dir)
     assert cfg.dtype == "bfloat16" and cfg.param_dtype == "float32"  # the defaults
     tokens = np.arange(24).reshape(2, 12) % cfg.vocab_size
-    ours = np.asarray(Llama(cfg.replace(dtype="float32")).apply({"params": params}, jax.numpy.asarray(tokens)))
+    ours = np.asarray(Llama(cfg.replace(dtype="float32")).apply({"params": params},
+                                                                jax.numpy.asarray(tokens)))
     np.testing.assert_allclose(ours, hf_logits(model, tokens), atol=1e-4, rtol=0)
 
     launch_cli("export", out_dir)
@@ -97,3 +98,18 @@ def test_params_checkpoint_layout_conversion(tmp_path):
     np.testing.assert_array_equal(unscanned["layers_1"]["mlp"]["up_proj"]["kernel"],
                                   params["layers"]["mlp"]["up_proj"]["kernel"][1])
     json.load(open(tmp_path / "model_config.json"))
+
+
+def test_a_conversion_rerun_is_skipped_and_a_changed_one_refused(tmp_path, capsys):
+    from xwin_jax.train.stage import StageChanged
+
+    hf_dir, ckpt_dir = str(tmp_path / "hf"), str(tmp_path / "ckpt")
+    make_hf_model().save_pretrained(hf_dir)
+    hf.convert("import", hf_dir, ckpt_dir)
+    hf.convert("import", hf_dir, ckpt_dir)
+    assert "[convert_import] already finished with these settings" in capsys.readouterr().out
+    with pytest.raises(StageChanged, match=r"param_dtype: \"float32\" → \"bfloat16\""):
+        hf.convert("import", hf_dir, ckpt_dir, param_dtype="bfloat16")
+    make_hf_model(seed=1).save_pretrained(hf_dir)  # other weights in the same place
+    with pytest.raises(StageChanged, match=r"source\.params"):
+        hf.convert("import", hf_dir, ckpt_dir)

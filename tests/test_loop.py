@@ -20,6 +20,7 @@ from xwin_jax.models.llama import init_params
 from xwin_jax.train import sft
 from xwin_jax.train import state as train_state
 from xwin_jax.train.loop import NonFiniteError, Preempted
+from xwin_jax.train.step import make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = preset("tiny")
@@ -72,10 +73,18 @@ def test_kill_9_then_rerun_is_bit_identical(tmp_path):
 class Scripted:
     """ReverseTask batches, with a hook called as each step's batch is produced."""
 
+    vocabulary = None
+
     def __init__(self, on_step=None):
         self.task = ReverseTask(8, 16)
         self.seq_len = self.task.seq_len
         self.on_step = on_step
+
+    def with_vocabulary(self, vocab):
+        return self
+
+    def fingerprint(self):
+        return {"task": self.task}
 
     def batches(self, start_step):
         step = start_step
@@ -88,8 +97,9 @@ class Scripted:
 
 
 def run(workdir, data, steps=8, **kwargs):
-    return sft.train_sft(str(workdir), CFG, steps, data, learning_rate=1e-3,
-                         checkpoint_every=2, async_checkpoints=False, **kwargs)
+    kwargs.setdefault("optimizer", train_state.OptimizerConfig(learning_rate=1e-3))
+    return sft.train_sft(str(workdir), CFG, steps, data, checkpoint_every=2,
+                         async_checkpoints=False, **kwargs)
 
 
 def test_sigterm_saves_and_the_same_call_resumes(tmp_path):
@@ -133,7 +143,8 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_from_its_weights(hf_m
         if step == 0:
             return dict(batch, loss_weights=batch["loss_weights"] * np.float32("nan"))
 
-    kwargs = dict(init_hf_dir=path, learning_rate=0.0, async_checkpoints=False)
+    kwargs = dict(init_dir=path, vocabulary="bytes", async_checkpoints=False,
+                  optimizer=train_state.OptimizerConfig(learning_rate=0.0))
     with pytest.raises(NonFiniteError, match="step 1"):
         sft.train_sft(str(tmp_path), CFG, 2, Scripted(poison_step_0), **kwargs)
     assert (tmp_path / "sft" / "checkpoints").is_dir()
@@ -148,7 +159,7 @@ def test_a_non_finite_update_is_caught_after_the_step_and_never_saved(tmp_path):
     """The loss and gradient norm of step 4 are finite, but the state it produced is not: the
     run stops naming step 4 (a checkpoint step), checkpoint 2 stays the latest, nothing is
     exported."""
-    base = sft.make_train_step
+    base = sft.make_train_step  # what sft.fit calls
 
     def poisoning_train_step(loss_fn, optimizer, schedule, *args, **kwargs):
         step = base(loss_fn, optimizer, schedule, *args, **kwargs)
@@ -179,13 +190,13 @@ SMALL = preset("tiny", hidden_size=32, intermediate_size=64, num_layers=1)
 
 
 def _stage_step_inputs(stage):
-    """(loss_fn, params, batch, count) of a stage whose step is state.make_train_step."""
+    """(loss_fn, params, batch) of a stage whose step is step.make_train_step."""
     from xwin_jax.models import heads
     from xwin_jax.train import dpo, reward
 
     rows = ReverseTask(4, 16).local_batch(0)
     if stage == "sft":
-        return sft.sft_loss_fn(SMALL), init_params(SMALL, jax.random.key(0)), rows, "num_tokens"
+        return sft.sft_loss_fn(SMALL), init_params(SMALL, jax.random.key(0)), rows
     tokens = rows["input_tokens"]
     pairs = {"chosen_tokens": tokens, "rejected_tokens": tokens[::-1].copy(),
              "chosen_length": np.full(4, 16, np.int32), "rejected_length": np.full(4, 12, np.int32),
@@ -193,11 +204,11 @@ def _stage_step_inputs(stage):
              "rejected_rating": np.full(4, 3.0, np.float32)}
     if stage == "reward":
         return (reward.reward_loss_fn(SMALL), heads.init_reward_params(SMALL, jax.random.key(0)),
-                pairs, "num_pairs")
+                pairs)
     pairs.update(chosen_response_mask=rows["loss_weights"], rejected_response_mask=rows[
         "loss_weights"][::-1].copy(), chosen_ref_logp=np.zeros(4, np.float32),
         rejected_ref_logp=np.zeros(4, np.float32))
-    return dpo.dpo_loss_fn(SMALL), init_params(SMALL, jax.random.key(0)), pairs, "num_pairs"
+    return dpo.dpo_loss_fn(SMALL), init_params(SMALL, jax.random.key(0)), pairs
 
 
 @pytest.mark.parametrize("stage,learning_rate,expected", [
@@ -205,11 +216,9 @@ def _stage_step_inputs(stage):
 def test_train_steps_report_whether_the_updated_state_is_finite(stage, learning_rate,
                                                                 expected):
     """1e39 overflows float32: the loss and gradient norm are finite, the update is not."""
-    loss_fn, params, batch, count = _stage_step_inputs(stage)
-    schedule = train_state.make_schedule(learning_rate, 10)
-    optimizer = train_state.make_optimizer(schedule)
-    step = jax.jit(train_state.make_train_step(loss_fn, optimizer, schedule, count=count,
-                                               input_tokens=lambda b: 1))
+    loss_fn, params, batch = _stage_step_inputs(stage)
+    optimizer, schedule = train_state.OptimizerConfig(learning_rate=learning_rate).build(10)
+    step = jax.jit(make_train_step(loss_fn, optimizer, schedule, input_tokens=lambda b: 1))
     new, metrics = step(train_state.init_state(params, optimizer), batch)
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
     assert float(metrics["update_finite"]) == expected

@@ -30,8 +30,8 @@ def sft_command(workdir, extra=()):
             "--gin_file=gin/experiments/tiny_sft_seqio.gin",
             f"--gin.WORKDIR='{workdir}'", f"--gin.DATA_DIR='{workdir.parent / 'data'}'",
             f"--gin.TFDS_DIR='{workdir.parent / 'tfds'}'", "--gin.TRAIN_STEPS=30",
-            "--gin.BATCH_SIZE=4", "--gin.tasks.SeqioSftData.num_shards=2",
-            "--gin.sft.train_sft.learning_rate=1e-3", "--gin.sft.train_sft.checkpoint_every=5",
+            "--gin.BATCH_SIZE=4", "--gin.seqio_sft_data.SeqioSftData.num_shards=2",
+            "--gin.LEARNING_RATE=1e-3", "--gin.sft.train_sft.checkpoint_every=5",
             "--gin.sft.train_sft.eval_every=0", *extra]
 
 
@@ -102,4 +102,5 @@ def test_a_mesh_that_does_not_split_the_batch_over_hosts_is_refused(tmp_path):
     workers, outputs = run_two_processes(
         tmp_path / "bad", ["--gin.MESH_SHAPE={'data': 1, 'fsdp': 1, 'tensor': 2}"])
     assert all(w.returncode != 0 for w in workers)
-    assert any("make data*fsdp a multiple of the host count" in o for o in outputs), outputs[0][-3000:]
+    assert any("make data*fsdp a multiple of the host count" in o for o in outputs), \
+        outputs[0][-3000:]

@@ -12,6 +12,7 @@ from xwin_jax.partitioning import Partitioner, resolve_mesh_shape
 from xwin_jax.train import sft
 from xwin_jax.train import state as train_state
 from xwin_jax.train.sharded import ShardedTraining
+from xwin_jax.train.step import make_train_step
 
 
 def test_eight_fake_devices():
@@ -59,11 +60,10 @@ def test_7b_params_spread_over_fsdp_8():
 def _train_three_steps(mesh_shape):
     cfg = preset("tiny", scan_layers=True)
     part = Partitioner(mesh_shape)
-    schedule = train_state.make_schedule(1e-3, 3)
-    optimizer = train_state.make_optimizer(schedule)
-    setup = ShardedTraining.create(cfg, part, optimizer)
+    optimizer, schedule = train_state.OptimizerConfig(learning_rate=1e-3).build(3)
+    setup = ShardedTraining.create("lm", cfg, part, optimizer)
     state = setup.init_state()
-    step = setup.partition_step(sft.make_train_step(sft.sft_loss_fn(cfg), optimizer, schedule))
+    step = setup.partition_step(make_train_step(sft.sft_loss_fn(cfg), optimizer, schedule))
     data = ReverseTask(8, 16).batches(0)
     for _ in range(3):
         state, metrics = step(state, part.shard_batch(next(data)))

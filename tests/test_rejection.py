@@ -1,16 +1,23 @@
-"""Rejection sampling: best-of-n selection, its resumable samples file, and the SFT on winners."""
+"""Rejection sampling: best-of-n selection, the samples as a stage of their own (resumable,
+kept when only the fine-tune changes), and the SFT on the winners."""
 
 import json
+import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
+from xwin_jax import jobs
 from xwin_jax.checkpoints.params import load_params, save_params
 from xwin_jax.data import formats
+from xwin_jax.data.vocabulary import ByteVocabulary, load_vocabulary
 from xwin_jax.models import heads, llama
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train import rejection
+from xwin_jax.train.stage import FINGERPRINT_FILE, SUMMARY_FILE, StageChanged
+from xwin_jax.train.state import OptimizerConfig
 
 CFG = llama.preset("tiny", hidden_size=32, intermediate_size=64, num_layers=1)
 
@@ -23,66 +30,111 @@ def test_best_index_skips_unfinished_and_applies_the_threshold():
     assert rejection.best_index(scores, np.array([False, False, False]), None) is None
 
 
-def make_inputs(root):
-    # A policy that ends most responses quickly: EOS gets a large bias.
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rejection")
+    # A policy that ends most responses quickly: EOS gets a large bias. Both checkpoints
+    # record the byte vocabulary, which the job then uses (no vocabulary is given).
     params = llama.init_params(CFG, jax.random.key(0))
     params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 2].add(0.3)
-    save_params(str(root / "policy"), CFG, params)
+    save_params(str(root / "policy"), CFG, params, vocabulary=ByteVocabulary())
     save_params(str(root / "rm"), CFG, heads.init_reward_params(CFG, jax.random.key(1)),
-                head="score")
+                head="score", vocabulary=ByteVocabulary())
     formats.write_jsonl(str(root / "prompts.jsonl"),
                         [{"prompt": f"Tell me about {i}."} for i in range(5)])
+    return root
 
 
-def sample(root, stage_dir, **kwargs):
-    return rejection.rejection_sample(
-        str(stage_dir), str(root / "prompts.jsonl"), str(root / "policy"), str(root / "rm"),
-        CFG, num_samples=6, batch_size=4, max_new_tokens=12, max_prompt_len=128, **kwargs)
+def train(root, workdir, learning_rate=1e-3, **kwargs):
+    settings = dict(num_samples=4, sample_batch_size=4, max_new_tokens=12, max_prompt_len=128,
+                    batch_size=2, seq_len=256, async_checkpoints=False,
+                    partitioner=Partitioner({"data": 1, "fsdp": 2, "tensor": 1}))
+    settings.update(kwargs)
+    return rejection.train_rejection(
+        str(workdir), CFG, 3, str(root / "prompts.jsonl"), policy_dir=str(root / "policy"),
+        reward_dir=str(root / "rm"), optimizer=OptimizerConfig(learning_rate=learning_rate),
+        **settings)
 
 
-def test_samples_are_scored_best_is_chosen_and_a_killed_run_resumes(tmp_path):
-    make_inputs(tmp_path)
-    selection = sample(tmp_path, tmp_path / "a")
-    lines = (tmp_path / "a" / rejection.SAMPLES_FILE).read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    assert [r["index"] for r in records] == list(range(5))
-    for r in records:
-        assert len(r["responses"]) == 6 == len(r["scores"])
-        finished = np.array(r["finished"])
-        if finished.any():
-            assert r["best"] == int(np.argmax(np.where(finished, r["scores"], -np.inf)))
-    assert selection["kept"] == sum(r["best"] is not None for r in records) > 0
-    assert selection["mean_best_score"] >= selection["mean_score"]
-    best = formats.read_sft(str(tmp_path / "a" / rejection.BEST_FILE)).records
-    assert len(best) == selection["kept"]
-    # The selection is made again from the saved samples: a new threshold applies to them.
+@pytest.fixture(scope="module")
+def finished(inputs, tmp_path_factory):
+    """(summary, workdir) of a whole run."""
+    workdir = tmp_path_factory.mktemp("run")
+    return train(inputs, workdir), workdir
+
+
+def records(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_the_best_finished_sample_of_each_prompt_is_fine_tuned_on(finished):
+    summary, workdir = finished
+    samples = records(workdir / "xwin_set" / rejection.SAMPLES_FILE)
+    assert [r["index"] for r in samples] == list(range(5))
+    assert all(len(r["responses"]) == len(r["scores"]) == len(r["finished"]) == 4
+               for r in samples)
+    kept = [r for r in samples if any(r["finished"])]
+    assert 0 < len(kept) == summary["selection"]["kept"]
+    best = [int(np.argmax(np.where(r["finished"], r["scores"], -np.inf))) for r in kept]
+    winners = records(workdir / "xwin_set" / rejection.BEST_FILE)
+    assert [w["conversations"][-1]["value"] for w in winners] == [
+        r["responses"][b] for r, b in zip(kept, best)]
+    assert [w["conversations"][0]["value"] for w in winners] == [r["prompt"] for r in kept]
+    assert summary["selection"]["mean_best_score"] == pytest.approx(
+        np.mean([r["scores"][b] for r, b in zip(kept, best)]))
+    assert summary["selection"]["mean_best_score"] >= summary["selection"]["mean_score"]
+    assert summary["samples"]["prompts"] == 5 and summary["samples"]["num_samples"] == 4
+    # The fine-tune: 3 SFT steps from the policy, exported with its tokenizer.
+    assert summary["steps"] == 3 and load_params(summary["export_dir"])[0] == CFG
+    assert load_vocabulary(summary["export_dir"]) == ByteVocabulary()
+    recorded = json.load(open(workdir / "rejection" / FINGERPRINT_FILE))["fingerprint"]
+    assert recorded["samples"] == summary["samples"]["fingerprint"]
+    assert recorded["start"]["vocabulary"] == ByteVocabulary().fingerprint()
+
+
+def test_a_killed_sampling_resumes_to_the_same_samples(inputs, finished, tmp_path, capsys):
+    _, workdir = finished
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "xwin_set" / rejection.SAMPLES_FILE
+    lines = path.read_text().splitlines()
+    # Killed after two prompts (and half a line): no summary yet, the same command resumes.
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])
+    os.remove(tmp_path / "xwin_set" / SUMMARY_FILE)
+    capsys.readouterr()
+    train(inputs, tmp_path)
+    assert path.read_text().splitlines() == lines
+    assert "[rejection] already finished" in capsys.readouterr().out  # same samples
+
+
+def test_only_what_changed_runs_again(inputs, finished, tmp_path, capsys):
+    summary, workdir = finished
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    samples = tmp_path / "xwin_set" / rejection.SAMPLES_FILE
+    drawn = samples.stat().st_mtime_ns
+    capsys.readouterr()
+    assert train(inputs, tmp_path) == summary
+    out = capsys.readouterr().out
+    assert "[xwin_set] already finished" in out and "[rejection] already finished" in out
+    # Another sampling temperature: the samples are refused, naming it.
+    with pytest.raises(StageChanged, match=r"temperature: 0\.7 → 1\.0") as err:
+        train(inputs, tmp_path, temperature=1.0)
+    assert "xwin_set" in str(err.value)
+    # Another threshold or learning rate: the fine-tune is refused, the samples are kept.
+    with pytest.raises(StageChanged, match=r"threshold: null → -100\.0"):
+        train(inputs, tmp_path, threshold=-100.0)
+    with pytest.raises(StageChanged, match=r"optimizer\.learning_rate: 0\.001 → 0\.002"):
+        train(inputs, tmp_path, learning_rate=2e-3)
     with pytest.raises(ValueError, match="above the threshold"):
-        sample(tmp_path, tmp_path / "a", threshold=1e9)
-    # Resuming with other sampling settings would mix two distributions: refused.
-    with pytest.raises(ValueError, match="num_samples"):
-        rejection.rejection_sample(
-            str(tmp_path / "a"), str(tmp_path / "prompts.jsonl"), str(tmp_path / "policy"),
-            str(tmp_path / "rm"), CFG, num_samples=5, batch_size=4, max_new_tokens=12,
-            max_prompt_len=128)
-    # Killed after two prompts (and half a line): the rerun completes the same file.
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / rejection.SAMPLES_FILE).write_text("\n".join(lines[:2]) + "\n"
-                                                         + lines[2][:30])
-    sample(tmp_path, tmp_path / "b")
-    assert (tmp_path / "b" / rejection.SAMPLES_FILE).read_text().splitlines() == lines
+        train(inputs, tmp_path, threshold=1e9)
+    # With overwrite only the fine-tune runs again: the samples stay as they were drawn.
+    again = jobs.run(lambda: train(inputs, tmp_path, learning_rate=2e-3), None, overwrite=True)
+    assert again["fingerprint"] != summary["fingerprint"]
+    assert again["samples"] == summary["samples"] and samples.stat().st_mtime_ns == drawn
+    first_metrics = json.loads(open(tmp_path / "rejection" / "metrics.jsonl").readline())
+    assert first_metrics["train/learning_rate"] == pytest.approx(2e-3)
 
 
-def test_train_rejection_fine_tunes_on_the_winners(tmp_path):
-    make_inputs(tmp_path)
-    summary = rejection.train_rejection(
-        str(tmp_path), CFG, 3, str(tmp_path / "prompts.jsonl"),
-        policy_dir=str(tmp_path / "policy"), reward_dir=str(tmp_path / "rm"), num_samples=4,
-        sample_batch_size=4, max_new_tokens=12, max_prompt_len=128, batch_size=2,
-        seq_len=256, learning_rate=1e-3, async_checkpoints=False,
-        partitioner=Partitioner({"data": 1, "fsdp": 1, "tensor": 1}))
-    assert summary["selection"]["num_samples"] == 4 and summary["steps"] == 3
-    assert load_params(summary["export_dir"])[0] == CFG
-    again = rejection.train_rejection(
-        str(tmp_path), CFG, 3, str(tmp_path / "prompts.jsonl"),
-        policy_dir=str(tmp_path / "policy"), reward_dir=str(tmp_path / "rm"))
-    assert again == summary  # finished: the rerun is a no-op
+def test_a_sample_batch_that_does_not_divide_over_the_mesh_is_refused(inputs, tmp_path):
+    with pytest.raises(ValueError, match="sample_batch_size=3 does not divide over the 2"):
+        train(inputs, tmp_path, sample_batch_size=3)
+    assert not os.listdir(tmp_path)

@@ -11,6 +11,7 @@ from xwin_jax.models import llama
 from xwin_jax.models.config import preset
 from xwin_jax.train import sft
 from xwin_jax.train import state as train_state
+from xwin_jax.train.step import accumulate_gradients, make_train_step
 
 CFG = preset("tiny")
 PARAMS = llama.init_params(CFG, jax.random.key(0))
@@ -29,22 +30,25 @@ def test_loss_matches_numpy_reference():
                                                segment_ids=BATCH["segment_ids"]))
     expected, log_z = numpy_masked_ce(logits, np.asarray(BATCH["target_tokens"]),
                                       np.asarray(BATCH["loss_weights"]))
-    objective, sums = sft.sft_loss_fn(CFG, z_loss=1e-4)(PARAMS, BATCH)
+    out = sft.sft_loss_fn(CFG, z_loss=1e-4)(PARAMS, BATCH)
     weights = np.asarray(BATCH["loss_weights"])
-    assert float(sums["num_tokens"]) == weights.sum() > 0
-    np.testing.assert_allclose(float(sums["loss_sum"] / sums["num_tokens"]), expected, rtol=1e-5)
-    np.testing.assert_allclose(float(sums["z_loss_sum"]), 1e-4 * (log_z ** 2 * weights).sum(),
-                               rtol=1e-4)
-    np.testing.assert_allclose(float(objective), float(sums["loss_sum"] + sums["z_loss_sum"]))
+    z_loss = 1e-4 * (log_z ** 2 * weights).sum()
+    assert float(out.count) == weights.sum() > 0
+    np.testing.assert_allclose(float(out.sums["nll"] / out.count), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(out.sums["z_loss"]), z_loss, rtol=1e-4)
+    # The logged loss is what the gradient minimises: cross-entropy plus z-loss per token.
+    means = out.means()
+    np.testing.assert_allclose(float(means["loss"]), expected + z_loss / weights.sum(),
+                               rtol=1e-5)
 
 
 def test_chunked_loss_equals_whole_loss_and_gradients():
     whole = sft.sft_loss_fn(CFG)
     chunked = sft.sft_loss_fn(CFG, chunk_size=8)
-    (value_a, sums_a), grads_a = jax.value_and_grad(whole, has_aux=True)(PARAMS, BATCH)
-    (value_b, sums_b), grads_b = jax.value_and_grad(chunked, has_aux=True)(PARAMS, BATCH)
-    np.testing.assert_allclose(float(value_a), float(value_b), rtol=1e-5)
-    np.testing.assert_allclose(float(sums_a["correct"]), float(sums_b["correct"]))
+    out_a, grads_a = accumulate_gradients(whole, PARAMS, BATCH, 1)
+    out_b, grads_b = accumulate_gradients(chunked, PARAMS, BATCH, 1)
+    np.testing.assert_allclose(float(out_a.objective), float(out_b.objective), rtol=1e-5)
+    np.testing.assert_allclose(float(out_a.sums["accuracy"]), float(out_b.sums["accuracy"]))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  grads_a, grads_b)  # summed loss: gradients are O(10)
     with pytest.raises(ValueError, match="must divide"):
@@ -58,9 +62,9 @@ def test_gradient_accumulation_4x2_equals_batch_8():
     optimizer = optax.sgd(schedule)
     loss_fn = sft.sft_loss_fn(CFG)
     state = train_state.init_state(PARAMS, optimizer)
-    big, big_metrics = jax.jit(sft.make_train_step(loss_fn, optimizer, schedule, 1))(state, BATCH)
+    big, big_metrics = jax.jit(make_train_step(loss_fn, optimizer, schedule, 1))(state, BATCH)
     state = train_state.init_state(PARAMS, optimizer)
-    acc, acc_metrics = jax.jit(sft.make_train_step(loss_fn, optimizer, schedule, 4))(state, BATCH)
+    acc, acc_metrics = jax.jit(make_train_step(loss_fn, optimizer, schedule, 4))(state, BATCH)
     np.testing.assert_allclose(float(acc_metrics["loss"]), float(big_metrics["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(acc_metrics["grad_norm"]), float(big_metrics["grad_norm"]),
                                rtol=1e-5)
@@ -79,7 +83,7 @@ def test_bf16_params_keep_their_dtypes_through_a_step():
     optimizer = train_state.make_optimizer(schedule)
     state = train_state.init_state(params, optimizer)
     dtypes = [x.dtype for x in jax.tree.leaves(state)]
-    step = jax.jit(sft.make_train_step(sft.sft_loss_fn(CFG), optimizer, schedule))
+    step = jax.jit(make_train_step(sft.sft_loss_fn(CFG), optimizer, schedule))
     new_state, metrics = step(state, BATCH)
     assert [x.dtype for x in jax.tree.leaves(new_state)] == dtypes
     assert jnp.bfloat16 in dtypes and np.isfinite(float(metrics["loss"]))
@@ -128,16 +132,77 @@ def test_gradient_clipping_happens_before_adam():
 
 
 def test_job_starts_from_an_hf_checkpoint(hf_model_dir, tmp_path):
-    """init_hf_dir is one binding: the architecture and weights come from the HF directory."""
+    """init_dir is one binding: the architecture and weights come from the HF directory."""
     from xwin_jax.checkpoints.hf import load_hf
     from xwin_jax.checkpoints.params import load_params
 
     path, _ = hf_model_dir(vocab_size=512)
     summary = sft.train_sft(str(tmp_path), preset("tiny"), 2, ReverseTask(8, 16),
-                            learning_rate=0.0, init_hf_dir=path, async_checkpoints=False)
+                            optimizer=train_state.OptimizerConfig(learning_rate=0.0),
+                            init_dir=path, vocabulary="bytes", async_checkpoints=False)
     cfg, trained = load_params(summary["export_dir"])
     hf_cfg, imported = load_hf(path, scan_layers=False)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads) == (64, 96, 2)
     assert cfg.dtype == "float32"  # numerics from the gin model, architecture from HF
     # A zero learning rate leaves the imported weights exactly as they were.
     jax.tree.map(np.testing.assert_array_equal, trained, imported)
+
+
+def _sft_job(workdir, learning_rate=1e-3, **kwargs):
+    return sft.train_sft(str(workdir), CFG, 2, ReverseTask(8, 16),
+                         optimizer=train_state.OptimizerConfig(learning_rate=learning_rate),
+                         async_checkpoints=False, **kwargs)
+
+
+def test_a_finished_stage_rerun_skips_and_a_changed_learning_rate_is_refused(tmp_path, capsys):
+    from xwin_jax import jobs
+    from xwin_jax.train.stage import StageChanged
+
+    first = _sft_job(tmp_path)
+    assert _sft_job(tmp_path) == first
+    assert "[sft] already finished with these settings" in capsys.readouterr().out
+    with pytest.raises(StageChanged) as err:
+        _sft_job(tmp_path, learning_rate=1e-2)
+    assert "optimizer.learning_rate: 0.001 → 0.01" in str(err.value)
+    assert "--gin.jobs.run.overwrite=True" in err.value.hint
+    rerun = jobs.run(lambda: _sft_job(tmp_path, learning_rate=1e-2), None, overwrite=True)
+    assert rerun["final_metrics"]["learning_rate"] != first["final_metrics"]["learning_rate"]
+    # A setting that does not change the result is not part of the fingerprint.
+    assert _sft_job(tmp_path, learning_rate=1e-2, checkpoint_every=1) == rerun
+
+
+def test_sft_from_a_checkpoint_uses_its_vocabulary_and_passes_it_on(tmp_path):
+    """No vocabulary given: the data is tokenized with the checkpoint's tokenizer and the
+    export records it; a vocabulary larger than the embedding is refused with both sizes."""
+    from test_vocabulary import train_sentencepiece
+
+    from xwin_jax.checkpoints.params import save_params
+    from xwin_jax.data import formats
+    from xwin_jax.data.sft_data import SftData
+    from xwin_jax.data.vocabulary import (ByteVocabulary, SentencePieceVocabulary,
+                                          load_vocabulary)
+    from xwin_jax.errors import ConfigError
+
+    vocab = SentencePieceVocabulary(train_sentencepiece(str(tmp_path)))
+    base = str(tmp_path / "base")
+    cfg = CFG.replace(vocab_size=vocab.vocab_size)
+    save_params(base, cfg, llama.init_params(cfg, jax.random.key(0)), vocabulary=vocab)
+    conversations = tmp_path / "chat.jsonl"
+    formats.write_jsonl(str(conversations), [
+        {"conversations": [{"from": "human", "value": f"say {w}"},
+                           {"from": "gpt", "value": f"{w} {w}"}]}
+        for w in ("hello", "world", "token", "model") * 16])
+    data = SftData([str(conversations)], seq_len=256, batch_size=8)
+    summary = sft.train_sft(str(tmp_path), CFG, 1, data, init_dir=base,
+                            async_checkpoints=False)
+    assert load_vocabulary(summary["export_dir"]) == vocab
+    bound = data.with_vocabulary(vocab)
+    assert bound.vocab is vocab and int(bound.global_batch(0)["input_tokens"].max()) < \
+        vocab.vocab_size
+    small = str(tmp_path / "small")
+    small_cfg = CFG.replace(vocab_size=300)
+    save_params(small, small_cfg, llama.init_params(small_cfg, jax.random.key(0)),
+                vocabulary=ByteVocabulary())
+    with pytest.raises(ConfigError, match=r"400 ids but the model's embedding has 300"):
+        sft.train_sft(str(tmp_path / "other"), CFG, 1, data, init_dir=small,
+                      vocabulary=vocab.model_file)

@@ -23,14 +23,14 @@ def sweep_cli(*argv, env=None):
 
 
 def test_grid_expansion_order_names_and_bindings():
-    axes = sweep.parse_grids(["sft.train_sft.learning_rate=[1e-3, 3e-3]", "BATCH_SIZE=[4,8]"])
+    axes = sweep.parse_grids(["LEARNING_RATE=[1e-3, 3e-3]", "BATCH_SIZE=[4,8]"])
     runs = sweep.expand(axes)
     # The product in --grid order, the last axis fastest; the short column names.
     assert [run.name for run in runs] == [
-        "learning_rate=0.001,BATCH_SIZE=4", "learning_rate=0.001,BATCH_SIZE=8",
-        "learning_rate=0.003,BATCH_SIZE=4", "learning_rate=0.003,BATCH_SIZE=8"]
-    assert runs[1].grid == {"learning_rate": 0.001, "BATCH_SIZE": 8}
-    assert runs[1].bindings == (("sft.train_sft.learning_rate", "0.001"), ("BATCH_SIZE", "8"))
+        "LEARNING_RATE=0.001,BATCH_SIZE=4", "LEARNING_RATE=0.001,BATCH_SIZE=8",
+        "LEARNING_RATE=0.003,BATCH_SIZE=4", "LEARNING_RATE=0.003,BATCH_SIZE=8"]
+    assert runs[1].grid == {"LEARNING_RATE": 0.001, "BATCH_SIZE": 8}
+    assert runs[1].bindings == (("LEARNING_RATE", "0.001"), ("BATCH_SIZE", "8"))
     assert [run.index for run in runs] == [0, 1, 2, 3]
 
 
@@ -80,7 +80,7 @@ def test_same_binding_twice_and_workdir_are_refused(capsys):
 def test_print_mode_commands(tmp_path):
     root = tmp_path / "sweeps"
     result = sweep_cli("--gin_file=gin/experiments/tiny_sft.gin",
-                       "--grid", "sft.train_sft.learning_rate=[1e-3,3e-3]",
+                       "--grid", "LEARNING_RATE=[1e-3,3e-3]",
                        "--grid", "BATCH_SIZE=[4,8]", "--set", "TRAIN_STEPS=20",
                        "--name", "lr_bs", "--root", str(root), "--mode", "print")
     assert result.returncode == 0, result.stderr
@@ -88,8 +88,8 @@ def test_print_mode_commands(tmp_path):
     assert len(commands) == 4
     assert commands[1] == [
         sys.executable, "-m", "xwin_jax.launch", "--gin_file=gin/experiments/tiny_sft.gin",
-        "--gin.TRAIN_STEPS=20", "--gin.sft.train_sft.learning_rate=0.001",
-        "--gin.BATCH_SIZE=8", f"--gin.WORKDIR='{root}/lr_bs/learning_rate=0.001,BATCH_SIZE=8'"]
+        "--gin.TRAIN_STEPS=20", "--gin.LEARNING_RATE=0.001",
+        "--gin.BATCH_SIZE=8", f"--gin.WORKDIR='{root}/lr_bs/LEARNING_RATE=0.001,BATCH_SIZE=8'"]
     assert not root.exists()  # printing runs nothing and writes nothing
 
 
@@ -182,30 +182,30 @@ def test_local_sweep_of_the_tiny_sft_collect_and_rerun(tmp_path):
     env.pop("XLA_FLAGS", None)  # one CPU device: the fake-device mesh only slows this down
     root, data = tmp_path / "sweeps", tmp_path / "data"
     args = ["--gin_file=gin/experiments/tiny_sft.gin",
-            "--grid", "sft.train_sft.learning_rate=[1e-3, 3e-3]",
+            "--grid", "LEARNING_RATE=[1e-3, 3e-3]",
             "--set", "TRAIN_STEPS=3", "--set", "sft.train_sft.eval_every=0",
             "--set", "sft.train_sft.checkpoint_every=3", "--set", "sft.train_sft.eval_batches=1",
             "--set", "SEQ_LEN=256", "--set", "BATCH_SIZE=4", "--set", f"DATA_DIR={str(data)!r}",
             "--name", "lr", "--root", str(root), "--mode", "local"]
     first = sweep_cli(*args, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "run 1/2: learning_rate=0.001" in first.stdout
-    assert "run 2/2: learning_rate=0.003" in first.stdout
+    assert "run 1/2: LEARNING_RATE=0.001" in first.stdout
+    assert "run 2/2: LEARNING_RATE=0.003" in first.stdout
 
     collected = sweep_cli("collect", "--root", str(root), "--name", "lr")
     assert collected.returncode == 0, collected.stderr
     with open(root / "lr" / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(row["run"], float(row["learning_rate"])) for row in rows] == [
-        ("learning_rate=0.001", 0.001), ("learning_rate=0.003", 0.003)]
+    assert [(row["run"], float(row["LEARNING_RATE"])) for row in rows] == [
+        ("LEARNING_RATE=0.001", 0.001), ("LEARNING_RATE=0.003", 0.003)]
     for row in rows:
         assert int(row["steps"]) == 3
         assert 0 < float(row["final_train_loss"]) < 20
         assert float(row["final_metrics.loss"]) == float(row["final_train_loss"])
-    assert collected.stdout.startswith("| run | learning_rate | steps |")
+    assert collected.stdout.startswith("| run | LEARNING_RATE | steps |")
     assert len(collected.stdout.splitlines()) == 4  # header, rule, two runs
 
-    summary = root / "lr" / "learning_rate=0.001" / "sft" / "summary.json"
+    summary = root / "lr" / "LEARNING_RATE=0.001" / "sft" / "summary.json"
     mtime = summary.stat().st_mtime_ns
     started = time.monotonic()
     again = sweep_cli(*args, env=env)

@@ -34,12 +34,14 @@ import jax.numpy as jnp
 
 from xwin_jax import sampling
 from xwin_jax.checkpoints.manager import abstract_like
-from xwin_jax.models import heads
 from xwin_jax.models.config import LlamaConfig
+from xwin_jax.models.spec import LM, SCORE, spec
 from xwin_jax.partitioning import Partitioner
+from xwin_jax.rewards import raw_scores
 from xwin_jax.train import ppo, reward, sft
 from xwin_jax.train import state as train_state
 from xwin_jax.train.sharded import ShardedTraining
+from xwin_jax.train.step import make_train_step
 
 STEPS = ("sft", "reward", "ppo")
 GIB = 2 ** 30
@@ -110,8 +112,7 @@ def _forward_flops(cfg: LlamaConfig, rows: int, seq_len: int, head_positions: in
 # --- the steps --------------------------------------------------------------------------------
 
 def _optimizer():
-    schedule = train_state.make_schedule(1e-5, 1000)
-    return train_state.make_optimizer(schedule), schedule
+    return train_state.OptimizerConfig(learning_rate=1e-5).build(1000)
 
 
 def _state_bytes(setup: ShardedTraining) -> dict[str, int]:
@@ -144,8 +145,8 @@ def plan_sft(cfg: LlamaConfig, partitioner: Partitioner, batch: int, seq_len: in
     segment_ids and positions, as the SFT data feeds them (which also decides the attention
     kernel: on GPU, cuDNN flash attention only takes unpacked rows)."""
     optimizer, schedule = _optimizer()
-    setup = ShardedTraining.create(cfg, partitioner, optimizer)
-    step = setup.partition_step(train_state.make_train_step(
+    setup = ShardedTraining.create(LM, cfg, partitioner, optimizer)
+    step = setup.partition_step(make_train_step(
         sft.sft_loss_fn(cfg, chunk_size=logits_chunk), optimizer, schedule, num_micro_batches))
     rows = partitioner.data_sharding(2)
     data = {"input_tokens": _abstract((batch, seq_len), jnp.int32, rows),
@@ -168,12 +169,10 @@ def plan_reward(cfg: LlamaConfig, partitioner: Partitioner, batch: int, seq_len:
     """The reward-model train step (train/reward.py) on `batch` pairs: the chosen and the
     rejected rows of seq_len tokens go through the model in one pass (2 x batch rows)."""
     optimizer, schedule = _optimizer()
-    setup = ShardedTraining.create(cfg, partitioner, optimizer,
-                                   init_fn=heads.init_reward_params,
-                                   logical_axes_fn=heads.reward_param_logical_axes)
-    step = setup.partition_step(train_state.make_train_step(
-        reward.reward_loss_fn(cfg), optimizer, schedule, count="num_pairs",
-        input_tokens=lambda b: b["chosen_tokens"].size + b["rejected_tokens"].size))
+    setup = ShardedTraining.create(SCORE, cfg, partitioner, optimizer)
+    step = setup.partition_step(make_train_step(
+        reward.reward_loss_fn(cfg), optimizer, schedule,
+        input_tokens=reward.pair_input_tokens))
     rows, per_row = partitioner.data_sharding(2), partitioner.data_sharding(1)
     data = {}
     for side in ("chosen", "rejected"):
@@ -202,18 +201,13 @@ def plan_ppo(cfg: LlamaConfig, partitioner: Partitioner, batch: int, prompt_len:
         raise ValueError(f"batch={batch} must split into num_minibatches={num_minibatches} "
                          f"minibatches that divide over {partitioner.batch_divisor} data shards")
     ppo_cfg = ppo.PPOConfig(max_new_tokens=new_tokens, num_minibatches=num_minibatches)
-    policy_opt, _ = _optimizer()
-    value_opt, _ = _optimizer()
-    policy = ShardedTraining.create(cfg, partitioner, policy_opt)
-    value = ShardedTraining.create(reward_cfg, partitioner, value_opt,
-                                   init_fn=heads.init_reward_params,
-                                   logical_axes_fn=heads.reward_param_logical_axes)
+    policy_opt, value_opt = _optimizer(), _optimizer()  # (optimizer, schedule) pairs
+    policy = ShardedTraining.create(LM, cfg, partitioner, policy_opt[0])
+    value = ShardedTraining.create(SCORE, reward_cfg, partitioner, value_opt[0])
     # The frozen models: the reference in the policy's shardings, the RM in its own.
     reference_params = policy.abstract_state.params
-    rm_shapes = heads.reward_param_shapes(reward_cfg)
-    rm_shardings = partitioner.shardings_for(heads.reward_param_logical_axes(reward_cfg),
-                                             rm_shapes)
-    rm_params = abstract_like(rm_shapes, rm_shardings)
+    rm_shardings = spec(SCORE).shardings(reward_cfg, partitioner)
+    rm_params = abstract_like(spec(SCORE).shapes(reward_cfg), rm_shardings)
     models = {
         "policy": _state_bytes(policy), "value": _state_bytes(value),
         "reference": {"params": per_device_bytes(reference_params), "opt_state": 0},
@@ -246,8 +240,9 @@ def plan_ppo(cfg: LlamaConfig, partitioner: Partitioner, batch: int, prompt_len:
             resident_outside=models["reference"]["params"] + models["reward"]["params"])
 
     if "scoring" in phases:
-        score = ppo.make_score_fn(cfg, reward_cfg, prompt_len, ppo_cfg.temperature,
-                                  ppo.values_fn(reward_cfg, prompt_len))
+        score = ppo.make_score_fn(cfg, prompt_len, ppo_cfg.temperature,
+                                  ppo.values_fn(reward_cfg, prompt_len),
+                                  lambda p, t, m: raw_scores(reward_cfg, p, t, m))
         score_fn = partitioner.partition(
             score, in_shardings=(policy.param_shardings, policy.param_shardings,
                                  value.param_shardings, rm_shardings,

@@ -1,11 +1,15 @@
 """Hugging Face Llama checkpoints <-> our params, one tensor at a time.
 
     cfg, params = load_hf("path/to/hf_dir")               # config.json + safetensors (or .bin)
-    save_hf(cfg, params, "out_dir", dtype="bfloat16")      # LlamaForCausalLM.from_pretrained loads it
+    save_hf(cfg, params, "out_dir", dtype="bfloat16")      # from_pretrained loads it
 
 CLI:
     python -m xwin_jax.checkpoints.hf import --hf_dir D --out_dir O
     python -m xwin_jax.checkpoints.hf export --ckpt_dir O --hf_dir D2 [--dtype bfloat16]
+
+The tokenizer travels both ways: import records the HF directory's tokenizer (tokenizer.json
+or tokenizer.model with their config files) in the params checkpoint, export writes the
+checkpoint's vocabulary into the HF directory, so `AutoTokenizer.from_pretrained` loads it.
 
 Rotary is in the HF rotate-half layout on both sides, so every mapping below is a rename plus
 reshape/transpose: no q/k permutation.
@@ -26,6 +30,7 @@ import jax
 import numpy as np
 
 from xwin_jax.checkpoints.params import load_params, save_params
+from xwin_jax.data import vocabulary as vocabulary_lib
 from xwin_jax.checkpoints.safetensors_io import (CheckpointError, SafetensorsReader,
                                                  write_safetensors)
 from xwin_jax.errors import ConfigError, UserError
@@ -286,7 +291,8 @@ def load_hf(hf_dir: str, head: str = "lm", **config_overrides) -> tuple[LlamaCon
     if unexpected:
         raise CheckpointError(f"{hf_dir}: unexpected tensors for {cfg.num_layers}-layer "
                               f"{HEADS[head]}: {unexpected[:5]} "
-                              f"({len(unexpected)} in all; first in {files.location[unexpected[0]]})")
+                              f"({len(unexpected)} in all; "
+                              f"first in {files.location[unexpected[0]]})")
     if head == "score":
         params = {"model": {k: v for k, v in params.items() if k != "score"},
                   "score": params["score"]}
@@ -331,19 +337,26 @@ def _plan_shards(entries, max_bytes):
 
 def save_hf(cfg: LlamaConfig, params: dict, hf_dir: str, *, dtype: str = "bfloat16",
             max_shard_size: int | str = "5GB", bos_token_id: int = 1, eos_token_id: int = 2,
-            pad_token_id: int | None = None, head: str = "lm") -> list[str]:
+            pad_token_id: int | None = None, head: str = "lm",
+            vocabulary: Any = None) -> list[str]:
     """Writes `config.json` and safetensors (one file, or shards plus an index) that
     `transformers.LlamaForCausalLM.from_pretrained(hf_dir)` loads with no missing or
     unexpected keys. Params may be in either layer layout, NumPy or jax arrays; each tensor is
     converted just before it is written. head='score' writes a reward model (params
     {"model", "score"}) as LlamaForSequenceClassification with num_labels 1; it needs a
-    pad_token_id (default 0), which HF uses to find each row's last real token. Returns the
-    weight files written."""
+    pad_token_id (default 0), which HF uses to find each row's last real token. `vocabulary`
+    (a data.vocabulary Vocabulary) writes its tokenizer files too, and its BOS/EOS/pad ids
+    then replace bos_token_id/eos_token_id/pad_token_id in config.json and
+    generation_config.json. Returns the weight files written."""
     out_dtype = np.dtype(dtype)
     if out_dtype.name not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"save_hf dtype={dtype!r}: choose float32, float16 or bfloat16")
     if jax.process_index() != 0:  # one writer; params must be addressable on host 0
         return []
+    if vocabulary is not None:
+        vocabulary = vocabulary_lib.get_vocabulary(vocabulary)
+        bos_token_id, eos_token_id = vocabulary.bos_id, vocabulary.eos_id
+        pad_token_id = vocabulary.pad_id
     if head == "score":
         params = {**params["model"], "score": params["score"]}
         pad_token_id = 0 if pad_token_id is None else pad_token_id
@@ -382,13 +395,28 @@ def save_hf(cfg: LlamaConfig, params: dict, hf_dir: str, *, dtype: str = "bfloat
         if head == "score":
             hf_config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         json.dump(hf_config, f, indent=2)
-    with open(os.path.join(staging, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
-                   "pad_token_id": pad_token_id}, f, indent=2)
+    generation_config = {}
+    if vocabulary is not None:
+        vocabulary.save(staging)
+        generation_path = os.path.join(staging, vocabulary_lib.GENERATION_CONFIG)
+        if os.path.exists(generation_path):  # the tokenizer's own (sampling defaults...)
+            with open(generation_path) as f:
+                generation_config = json.load(f)
+    eos_ids = generation_config.get("eos_token_id")
+    generation_config.update(bos_token_id=bos_token_id, pad_token_id=pad_token_id,
+                             eos_token_id=(eos_ids if isinstance(eos_ids, list)
+                                           and eos_token_id in eos_ids else eos_token_id))
+    with open(os.path.join(staging, vocabulary_lib.GENERATION_CONFIG), "w") as f:
+        json.dump(generation_config, f, indent=2)
+    # Earlier model weights would shadow the new ones; an earlier tokenizer is replaced
+    # whole when this export carries one.
+    replaced = ({vocabulary_lib.VOCABULARY_FILE, *vocabulary_lib.TOKENIZER_FILES}
+                if vocabulary is not None else set())
     if os.path.isdir(hf_dir):
-        for stale in os.listdir(hf_dir):  # earlier model weights would shadow the new ones
-            if MODEL_WEIGHT_FILE.fullmatch(stale) or stale in (
-                    SAFETENSORS_INDEX, TORCH_INDEX, CONFIG_FILE, "generation_config.json"):
+        for stale in os.listdir(hf_dir):
+            if MODEL_WEIGHT_FILE.fullmatch(stale) or stale in replaced or stale in (
+                    SAFETENSORS_INDEX, TORCH_INDEX, CONFIG_FILE,
+                    vocabulary_lib.GENERATION_CONFIG):
                 os.remove(os.path.join(hf_dir, stale))
     os.makedirs(hf_dir, exist_ok=True)
     for file in os.listdir(staging):
@@ -402,19 +430,55 @@ def save_hf(cfg: LlamaConfig, params: dict, hf_dir: str, *, dtype: str = "bfloat
 def convert(direction: str, hf_dir: str, ckpt_dir: str, *, dtype: str = "bfloat16",
             max_shard_size: int | str = "5GB", param_dtype: str = "float32",
             scan_layers: bool = True) -> dict:
-    """The conversion job: 'import' (HF → params checkpoint) or 'export' (the reverse)."""
+    """The conversion job: 'import' (HF → params checkpoint) or 'export' (the reverse), with
+    the tokenizer. It runs as a stage in its output directory (train/stage.py): converting
+    the same source again is skipped, a changed source or setting is refused."""
+    from xwin_jax.models.spec import open_checkpoint
+    from xwin_jax.train.stage import run_stage
+
+    if direction not in ("import", "export"):
+        raise ConfigError(f"convert direction={direction!r}: choose 'import' or 'export'")
+    source, target = (hf_dir, ckpt_dir) if direction == "import" else (ckpt_dir, hf_dir)
+    what = "HF_DIR" if direction == "import" else "CKPT_DIR"
+    settings = {"direction": direction, "source": open_checkpoint(source, what=what)}
     if direction == "import":
-        cfg, params = load_hf(hf_dir, param_dtype=param_dtype, scan_layers=scan_layers)
-        save_params(ckpt_dir, cfg, params)
-        print(f"imported {hf_dir} → {ckpt_dir}: {cfg.num_params() / 1e6:.1f}M parameters, "
-              f"{cfg.num_layers} layers, {cfg.num_heads} heads / {cfg.num_kv_heads} KV heads")
-        return {"direction": direction, "num_params": cfg.num_params()}
-    if direction == "export":
-        cfg, params = load_params(ckpt_dir)
-        files = save_hf(cfg, params, hf_dir, dtype=dtype, max_shard_size=max_shard_size)
-        print(f"exported {ckpt_dir} → {hf_dir}: {len(files)} safetensors file(s), {dtype}")
-        return {"direction": direction, "files": files}
-    raise ConfigError(f"convert direction={direction!r}: choose 'import' or 'export'")
+        settings.update(param_dtype=param_dtype, scan_layers=scan_layers)
+    else:
+        settings.update(dtype=dtype, max_shard_size=parse_size(max_shard_size))
+    return run_stage(target, f"convert_{direction}", settings, lambda _: (
+        _import(hf_dir, ckpt_dir, param_dtype, scan_layers) if direction == "import"
+        else _export(ckpt_dir, hf_dir, dtype, max_shard_size)))
+
+
+def _import(hf_dir: str, ckpt_dir: str, param_dtype: str, scan_layers: bool) -> dict:
+    vocab = vocabulary_lib.load_vocabulary(hf_dir)  # a bad tokenizer fails first
+    cfg, params = load_hf(hf_dir, param_dtype=param_dtype, scan_layers=scan_layers)
+    if vocab is None:
+        print(f"note: {hf_dir} holds no tokenizer ({vocabulary_lib.TOKENIZER_JSON} or "
+              f"{vocabulary_lib.TOKENIZER_MODEL}); {ckpt_dir} records no vocabulary, so "
+              f"jobs that start from it need VOCABULARY set")
+    else:  # more ids than embedding rows: refused
+        vocabulary_lib.resolve_vocabulary(None, vocab, cfg.vocab_size, hf_dir)
+    save_params(ckpt_dir, cfg, params, vocabulary=vocab)
+    print(f"imported {hf_dir} → {ckpt_dir}: {cfg.num_params() / 1e6:.1f}M parameters, "
+          f"{cfg.num_layers} layers, {cfg.num_heads} heads / {cfg.num_kv_heads} KV heads"
+          + (f", vocabulary {vocab.kind} ({vocab.vocab_size} ids)" if vocab else ""))
+    return {"direction": "import", "num_params": cfg.num_params(),
+            "vocabulary": vocab.kind if vocab else None}
+
+
+def _export(ckpt_dir: str, hf_dir: str, dtype: str, max_shard_size: int | str) -> dict:
+    cfg, params = load_params(ckpt_dir)
+    vocab = vocabulary_lib.load_vocabulary(ckpt_dir)
+    if vocab is None:
+        print(f"warning: {ckpt_dir} records no vocabulary: {hf_dir} gets no tokenizer "
+              f"(AutoTokenizer.from_pretrained will not load it)")
+    files = save_hf(cfg, params, hf_dir, dtype=dtype, max_shard_size=max_shard_size,
+                    vocabulary=vocab)
+    print(f"exported {ckpt_dir} → {hf_dir}: {len(files)} safetensors file(s), {dtype}"
+          + (f", vocabulary {vocab.kind}" if vocab else ""))
+    return {"direction": "export", "files": files,
+            "vocabulary": vocab.kind if vocab else None}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,35 +8,41 @@
     + sft_weight x the chosen response's mean token NLL (RPO, TRL's rpo_alpha): keeps the
       chosen answers likely, which small models otherwise lose along with the rejected ones
 
-The reference log-probs are computed once, before training, and cached in the stage directory
-(a rerun reuses them). Implicit rewards are beta x the log-ratio of each side; expect both to
-fall while their margin grows.
+The policy starts from `init_dir`, which is also the frozen reference. The reference
+log-probs are computed once, before training, and cached in the stage directory, where they
+are valid as long as the stage's fingerprint (the reference checkpoint's contents, the pairs,
+the vocabulary) is: a rerun with other inputs is refused by the stage runner, and a cache
+that does not match its own record is recomputed. Implicit rewards are beta x the log-ratio
+of each side; expect both to fall while their margin grows.
 """
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import os
-import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xwin_jax.checkpoints.params import checkpoint_digest, save_params
+from xwin_jax import fingerprint as fingerprints
 from xwin_jax.errors import ConfigError
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.llama import Llama
+from xwin_jax.models.spec import LM
 from xwin_jax.partitioning import Partitioner
-from xwin_jax.train import state as train_state
-from xwin_jax.train.loop import finished_summary, train_loop, write_summary
-from xwin_jax.train.sft import initial_params
-from xwin_jax.train.sharded import ShardedTraining, initial_model, put_global
+from xwin_jax.train.reward import pair_input_tokens
+from xwin_jax.train.sharded import ShardedTraining, Start
+from xwin_jax.train.stage import export, run_stage
+from xwin_jax.train.state import OptimizerConfig
+from xwin_jax.train.step import LossOutput, make_train_step
 
-EXPORT_DIR = "final"
 REFERENCE_FILE = "reference_logps.npz"
 SIDES = ("chosen", "rejected")
+LOSS_TYPES = ("sigmoid", "ipo")
+PAIR_FIELDS = ("chosen_tokens", "rejected_tokens", "chosen_response_mask",
+               "rejected_response_mask")
 
 
 def sequence_logprobs(cfg: LlamaConfig, params: Any, tokens: jax.Array,
@@ -55,6 +61,12 @@ def pair_logprobs(cfg: LlamaConfig, params: Any, batch) -> tuple[jax.Array, jax.
     return tuple(jnp.split(sequence_logprobs(cfg, params, tokens, mask), 2))
 
 
+def check_loss_type(loss_type: str) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ConfigError(f"loss_type={loss_type!r}: choose one of "
+                          f"{', '.join(map(repr, LOSS_TYPES))}")
+
+
 def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
                loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> jax.Array:
     """Per-pair DPO (or IPO) losses from summed sequence log-probs."""
@@ -62,15 +74,19 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
     if loss_type == "sigmoid":
         return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h) \
             - label_smoothing * jax.nn.log_sigmoid(-beta * h)
-    if loss_type == "ipo":
-        return jnp.square(h - 1.0 / (2.0 * beta))
-    raise ConfigError(f"loss_type={loss_type!r}: choose 'sigmoid' or 'ipo'")
+    check_loss_type(loss_type)
+    return jnp.square(h - 1.0 / (2.0 * beta))
 
 
 def dpo_loss_fn(cfg: LlamaConfig, beta: float = 0.1, loss_type: str = "sigmoid",
-                label_smoothing: float = 0.0, sft_weight: float = 0.0):
-    """(params, batch) → (summed loss, sums) for state.make_train_step(count='num_pairs');
-    the batch carries chosen_ref_logp / rejected_ref_logp."""
+                label_smoothing: float = 0.0, sft_weight: float = 0.0
+                ) -> Callable[[Any, dict], LossOutput]:
+    """(params, batch) → LossOutput over pairs: objective = DPO loss + sft_weight x the
+    chosen answers' mean token NLL, so the logged `loss` is what is minimised (also reported
+    per pair: dpo_loss, chosen_nll, chosen_reward, rejected_reward, margin, accuracy). The
+    batch carries chosen_ref_logp / rejected_ref_logp."""
+    check_loss_type(loss_type)
+
     def loss_fn(params, batch):
         chosen, rejected = pair_logprobs(cfg, params, batch)
         chosen_tokens, rejected_tokens = (
@@ -83,16 +99,15 @@ def dpo_loss_fn(cfg: LlamaConfig, beta: float = 0.1, loss_type: str = "sigmoid",
         else:
             losses = dpo_losses(chosen, rejected, batch["chosen_ref_logp"],
                                 batch["rejected_ref_logp"], beta, loss_type, label_smoothing)
-        chosen_nll = -chosen / chosen_tokens
         chosen_reward = beta * (chosen - batch["chosen_ref_logp"])
         rejected_reward = beta * (rejected - batch["rejected_ref_logp"])
-        sums = {"loss_sum": jnp.sum(losses), "chosen_nll_sum": jnp.sum(chosen_nll),
-                "chosen_reward_sum": jnp.sum(chosen_reward),
-                "rejected_reward_sum": jnp.sum(rejected_reward),
-                "margin_sum": jnp.sum(chosen_reward - rejected_reward),
-                "correct": jnp.sum((chosen_reward > rejected_reward).astype(jnp.float32)),
-                "num_pairs": jnp.asarray(chosen.shape[0], jnp.float32)}
-        return sums["loss_sum"] + sft_weight * sums["chosen_nll_sum"], sums
+        sums = {"dpo_loss": jnp.sum(losses), "chosen_nll": jnp.sum(-chosen / chosen_tokens),
+                "chosen_reward": jnp.sum(chosen_reward),
+                "rejected_reward": jnp.sum(rejected_reward),
+                "margin": jnp.sum(chosen_reward - rejected_reward),
+                "accuracy": jnp.sum((chosen_reward > rejected_reward).astype(jnp.float32))}
+        return LossOutput(sums["dpo_loss"] + sft_weight * sums["chosen_nll"],
+                          jnp.asarray(chosen.shape[0], jnp.float32), sums, "num_pairs")
     return loss_fn
 
 
@@ -104,8 +119,7 @@ def reference_logprobs(logprob_fn, partitioner: Partitioner, arrays: dict[str, n
     out = {f"{side}_ref_logp": np.zeros(n, np.float32) for side in SIDES}
     for start in range(0, n, batch_size):
         rows = np.minimum(np.arange(start, start + batch_size), n - 1)
-        batch = {k: arrays[k][rows] for k in ("chosen_tokens", "rejected_tokens",
-                                              "chosen_response_mask", "rejected_response_mask")}
+        batch = {k: arrays[k][rows] for k in PAIR_FIELDS}
         chosen, rejected = jax.device_get(logprob_fn(partitioner.shard_batch(batch)))
         count = min(batch_size, n - start)
         out["chosen_ref_logp"][start:start + count] = chosen[:count]
@@ -113,90 +127,91 @@ def reference_logprobs(logprob_fn, partitioner: Partitioner, arrays: dict[str, n
     return out
 
 
-def _fingerprint(arrays: dict[str, np.ndarray], reference_dir: str) -> str:
-    """What the cached reference log-probs depend on: the tokenized pairs and the reference
-    policy's contents (not its path: a policy retrained into the same directory differs)."""
-    digest = hashlib.sha256(checkpoint_digest(reference_dir).encode())
-    for key in ("chosen_tokens", "rejected_tokens", "chosen_response_mask",
-                "rejected_response_mask"):
-        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
-    return digest.hexdigest()
+def cached_reference(stage_dir: str, record: str, compute: Callable[[], dict]
+                     ) -> dict[str, np.ndarray]:
+    """The reference log-probs cached in STAGE_DIR/reference_logps.npz when it was computed
+    for `record` (a digest of the reference and the pairs), else computed and cached."""
+    path = os.path.join(stage_dir, REFERENCE_FILE)
+    if os.path.exists(path):
+        with np.load(path) as cached:
+            reference = {k: cached[k] for k in cached.files}
+        if str(reference.pop("fingerprint", "")) == record:
+            return reference
+        print(f"[dpo] {path} was computed for another reference or other pairs: recomputing")
+    reference = compute()
+    if jax.process_index() == 0:
+        np.savez(path + ".partial.npz", fingerprint=np.asarray(record), **reference)
+        os.replace(path + ".partial.npz", path)
+    return reference
+
+
+def with_reference(data: Any, reference: dict[str, np.ndarray]) -> Any:
+    """A copy of the pairs data whose batches also carry the reference log-probs (the data
+    object given is left as it was)."""
+    data = copy.copy(data)
+    data.arrays = {**data.arrays, **reference}
+    return data
+
+
+def fit(stage_dir: str, start: Start, train_steps: int, train_data: Any, *,
+        partitioner: Partitioner, optimizer: OptimizerConfig, beta: float = 0.1,
+        loss_type: str = "sigmoid", label_smoothing: float = 0.0, sft_weight: float = 0.0,
+        checkpoint_every: int = 100, keep_checkpoints: int = 3, async_checkpoints: bool = True,
+        seed: int = 0, description: str = "dpo") -> dict:
+    """Trains (or resumes) a DPO policy from `start` (also the reference) into STAGE_DIR and
+    exports it (with the tokenizer) to STAGE_DIR/final."""
+    cfg = start.config
+    tx, schedule = optimizer.build(train_steps)
+    setup = ShardedTraining.create(LM, cfg, partitioner, tx, seed)
+
+    def compute_reference():
+        reference_params = setup.initial_params(start.checkpoint)
+        logprob_fn = setup.partition_eval(lambda params, batch: pair_logprobs(cfg, params,
+                                                                              batch))
+        return reference_logprobs(lambda b: logprob_fn(reference_params, b), partitioner,
+                                  train_data.arrays, train_data.batch_size)
+
+    record = fingerprints.digest(fingerprints.describe(
+        {"reference": start.checkpoint, "pairs": train_data}))
+    data = with_reference(train_data, cached_reference(stage_dir, record, compute_reference))
+    step = setup.partition_step(make_train_step(
+        dpo_loss_fn(cfg, beta, loss_type, label_smoothing, sft_weight), tx, schedule,
+        input_tokens=pair_input_tokens))
+    state, summary = setup.train(start, stage_dir, train_steps, step, data.batches,
+                                 checkpoint_every=checkpoint_every,
+                                 keep_checkpoints=keep_checkpoints,
+                                 async_checkpoints=async_checkpoints, description=description)
+    export_dir = export(stage_dir, cfg, state.params, start.vocabulary)
+    if jax.process_index() == 0:
+        print(f"[{description}] {train_steps} steps, final loss "
+              f"{summary['final_train_loss']}, params → {export_dir}")
+    return dict(summary, export_dir=export_dir)
 
 
 def train_dpo(workdir: str, model: LlamaConfig, train_steps: int, train_data: Any, *,
               partitioner: Partitioner | None = None, stage: str = "dpo", beta: float = 0.1,
               loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-              sft_weight: float = 0.0, learning_rate: float = 5e-7, warmup_steps: int = 0, decay: str = "cosine",
-              weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+              sft_weight: float = 0.0,
+              optimizer: OptimizerConfig = OptimizerConfig(learning_rate=5e-7),
               checkpoint_every: int = 100, keep_checkpoints: int = 3,
-              async_checkpoints: bool = True, init_hf_dir: str | None = None,
-              init_params_dir: str | None = None, seed: int = 0) -> dict:
-    """Trains (or resumes) a DPO policy into WORKDIR/<stage>/ from the SFT/RS policy (which is
-    also the frozen reference); exports WORKDIR/<stage>/final. `train_data` is a
-    data.pairs_data.PairsData."""
-    stage_dir = os.path.join(workdir, stage)
-    done = finished_summary(stage_dir, stage)
-    if done is not None:
-        return done
-    if not (init_hf_dir or init_params_dir):
-        raise ConfigError("DPO starts from a policy: set init_params_dir (e.g. WORKDIR/sft/final)"
-                          " or init_hf_dir; it is also the reference")
-    started = time.perf_counter()
-    partitioner = partitioner or Partitioner()
-    cfg = initial_model(model, init_hf_dir, init_params_dir)
-    schedule = train_state.make_schedule(learning_rate, train_steps, warmup_steps, decay)
-    optimizer = train_state.make_optimizer(schedule, weight_decay=weight_decay,
-                                           max_grad_norm=max_grad_norm)
-    setup = ShardedTraining.create(cfg, partitioner, optimizer, seed)
-
-    reference_path = os.path.join(stage_dir, REFERENCE_FILE)
-    fingerprint = _fingerprint(train_data.arrays, init_hf_dir or init_params_dir)
-    reference = None
-    if os.path.exists(reference_path):
-        with np.load(reference_path) as cached:
-            reference = {k: cached[k] for k in cached.files}
-        if str(reference.pop("fingerprint", "")) != fingerprint:
-            raise ConfigError(
-                f"{reference_path} was computed for other pairs, seq_len or reference policy "
-                f"(the reference's contents changed, or the pairs did)",
-                hint=f"train into a new WORKDIR (or stage), or delete {stage_dir} to start "
-                     f"this stage over: its checkpoints were trained against the old reference")
-    if reference is None:
-        reference_params = initial_params(setup, init_hf_dir, init_params_dir)
-        reference_params = jax.tree.map(
-            lambda x, s: x if isinstance(x, jax.Array) else put_global(np.asarray(x), s),
-            reference_params, setup.param_shardings)
-        logprob_fn = partitioner.partition(
-            lambda params, batch: pair_logprobs(cfg, params, batch),
-            in_shardings=(setup.param_shardings, partitioner.batch_sharding),
-            out_shardings=partitioner.replicated)
-        reference = reference_logprobs(lambda b: logprob_fn(reference_params, b), partitioner,
-                                       train_data.arrays, train_data.batch_size)
-        del reference_params
-        if jax.process_index() == 0:
-            os.makedirs(stage_dir, exist_ok=True)
-            np.savez(reference_path + ".partial.npz", fingerprint=np.asarray(fingerprint),
-                     **reference)
-            os.replace(reference_path + ".partial.npz", reference_path)
-    train_data.arrays.update(reference)
-
-    step = setup.partition_step(train_state.make_train_step(
-        dpo_loss_fn(cfg, beta, loss_type, label_smoothing, sft_weight), optimizer, schedule,
-        count="num_pairs",
-        input_tokens=lambda b: b["chosen_tokens"].size + b["rejected_tokens"].size))
-    state, summary = train_loop(
-        stage_dir=stage_dir, num_steps=train_steps, partitioner=partitioner,
-        init_state=lambda: setup.init_state(initial_params(setup, init_hf_dir,
-                                                           init_params_dir)),
-        abstract_state=setup.abstract_state, train_step=step, batches=train_data.batches,
-        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-        async_checkpoints=async_checkpoints, description=stage)
-    export_dir = os.path.join(stage_dir, EXPORT_DIR)
-    save_params(export_dir, cfg, state.params)
-    summary.update(stage=stage, export_dir=export_dir,
-                   wall_time_s=round(time.perf_counter() - started, 2))
-    write_summary(stage_dir, summary)
-    if jax.process_index() == 0:
-        print(f"[{stage}] done: {train_steps} steps, final loss {summary['final_train_loss']}, "
-              f"params → {export_dir}")
-    return summary
+              async_checkpoints: bool = True, init_dir: str | None = None,
+              vocabulary: Any = None, seed: int = 0) -> dict:
+    """The DPO job: trains (or resumes) a policy into WORKDIR/<stage>/ from `init_dir` (the
+    SFT/RS policy: a params checkpoint or an HF directory, which is also the frozen
+    reference) and exports WORKDIR/<stage>/final with the tokenizer. `vocabulary` overrides
+    the one the checkpoint records; `train_data` is a data.pairs_data.PairsData."""
+    if not init_dir:
+        raise ConfigError("DPO starts from a policy: set init_dir (e.g. WORKDIR/sft/final, or "
+                          "an HF directory); it is also the reference")
+    start = Start.resolve(model, init_dir, vocabulary or getattr(train_data, "vocabulary", None))
+    check_loss_type(loss_type)
+    train_data, = start.bind(train_data)
+    settings = {"start": start, "train_steps": train_steps, "train_data": train_data,
+                "optimizer": optimizer, "beta": beta, "loss_type": loss_type,
+                "label_smoothing": label_smoothing, "sft_weight": sft_weight, "seed": seed}
+    return run_stage(os.path.join(workdir, stage), stage, settings, lambda stage_dir: fit(
+        stage_dir, start, train_steps, train_data, partitioner=partitioner or Partitioner(),
+        optimizer=optimizer, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        sft_weight=sft_weight, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, async_checkpoints=async_checkpoints, seed=seed,
+        description=stage))

@@ -1,5 +1,6 @@
 """What PPO and rejection sampling do with sampled responses: put prompt and response in one
-row, and score the response tokens under the policy, reference, value and reward models.
+row, and score the response tokens under the policy, reference and value models (the reward
+model's score is rewards.RewardScorer's).
 
 A rollout row is the left-padded prompt [P] followed by the generated tokens [T] (padding after
 EOS). Response token t is predicted from position P - 1 + t, which is also where the value
@@ -9,20 +10,16 @@ one).
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xwin_jax.errors import ConfigError
 from xwin_jax.models import heads
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.llama import Llama, positions_from_mask
 from xwin_jax.sampling import Generation
-from xwin_jax.train.reward import STATS_FILE
 
 
 def assemble(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, generation: Generation
@@ -57,25 +54,6 @@ def response_logprobs(cfg: LlamaConfig, params: Any, tokens: jax.Array, mask: ja
 
 def response_values(cfg: LlamaConfig, params: Any, tokens: jax.Array, mask: jax.Array,
                     prompt_len: int) -> jax.Array:
-    """The value model's estimate [B, T] before each response token."""
+    """The value model's raw estimate [B, T] before each response token."""
     scores = heads.RewardModel(cfg).apply({"params": params}, tokens, mask, per_token=True)
     return scores[:, prompt_len - 1:-1]
-
-
-def reward_scores(cfg: LlamaConfig, params: Any, tokens: jax.Array, mask: jax.Array
-                  ) -> jax.Array:
-    """The reward model's score [B] at each row's last real token."""
-    return heads.RewardModel(cfg).apply({"params": params}, tokens, mask)
-
-
-def load_reward_stats(reward_dir: str) -> dict[str, float]:
-    """The mean/std train_reward stored next to its export (identity when absent)."""
-    path = os.path.join(reward_dir, STATS_FILE)
-    if not os.path.exists(path):
-        print(f"[rollout] no {path}: rewards are used unnormalised")
-        return {"mean": 0.0, "std": 1.0}
-    with open(path) as f:
-        stats = json.load(f)
-    if not stats.get("std"):
-        raise ConfigError(f"{path}: std is {stats.get('std')!r}; cannot normalise rewards")
-    return stats

@@ -6,12 +6,17 @@ import jax
 import pytest
 
 from conftest import GARBAGE
+from xwin_jax import jobs
 from xwin_jax.annotate import judge as judge_lib
 from xwin_jax.annotate import pairs as pairs_lib
 from xwin_jax.checkpoints.params import save_params
 from xwin_jax.data import formats, synthetic
+from xwin_jax.data.vocabulary import ByteVocabulary
 from xwin_jax.errors import UserError
+from xwin_jax.generate import load_outputs
 from xwin_jax.models import llama
+from xwin_jax.partitioning import Partitioner
+from xwin_jax.train.stage import FINGERPRINT_FILE, SUMMARY_FILE, StageChanged
 
 ITEMS = [(f"Question {i}?", "short" * (1 + i % 2), "a much longer answer " * (2 + i))
          for i in range(6)]
@@ -194,7 +199,6 @@ def test_an_unjudged_pair_is_listed_and_a_rerun_asks_only_for_it(fake_judge, tmp
     assert (summary["judged"], summary["unjudged"], summary["pairs"]) == (5, 1, 5)
     assert fake.prompt_calls["Question 3?"] == 2 and fake.calls == 5 + 2
     assert summary["judge_usage_this_run"]["parse_retries"] == 1
-    assert json.load(open(out / "summary.json"))["unjudged"] == 1
     [record] = [json.loads(line) for line in open(out / pairs_lib.UNJUDGED_FILE)]
     assert (record["prompt_index"], record["prompt"], record["reply"]) == (3, "Question 3?",
                                                                             GARBAGE)
@@ -225,42 +229,132 @@ def test_a_killed_job_reruns_to_a_byte_identical_pairs_file(fake_judge, tmp_path
     assert len((killed / pairs_lib.CACHE_FILE).read_text().split("\n")) == 6 + 1
 
 
-def test_annotate_job_with_the_rule_judge_writes_readable_pairs(tmp_path, capsys):
+class ScriptedPolicyJudge(judge_lib.RuleJudge):
+    """Random-weight policies answer gibberish: prefer the shorter one, scored 1-10. The
+    prompts in `unusable` get replies without a usable verdict (the pair stays unjudged)."""
+
+    def __init__(self, unusable=()):
+        super().__init__()
+        self.unusable, self.asked = set(unusable), []
+
+    def compare(self, prompt, a, b):
+        self.asked.append(prompt)
+        if prompt in self.unusable:
+            raise judge_lib.UnusableReply("no JSON object in the judge's answer", GARBAGE, 2)
+        better = "A" if len(a) < len(b) else "B" if len(b) < len(a) else "tie"
+        return {"better": better, "rating_a": 6.0 if better == "A" else 3.0,
+                "rating_b": 6.0 if better == "B" else 3.0, "reason": "length"}
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A tiny random policy (recording the byte vocabulary) and four suite prompts."""
+    root = tmp_path_factory.mktemp("policy")
     cfg = llama.preset("tiny")
-    save_params(str(tmp_path / "ckpt"), cfg, llama.init_params(cfg, jax.random.key(0)))
-    suite = synthetic.write_suite(str(tmp_path / "data"), seed=0, num_prompts=60)
-    prompts = tmp_path / "few.jsonl"
+    save_params(str(root / "ckpt"), cfg, llama.init_params(cfg, jax.random.key(0)),
+                vocabulary=ByteVocabulary())
+    suite = synthetic.write_suite(str(root / "data"), seed=0, num_prompts=60)
+    prompts = root / "few.jsonl"
     prompts.write_text("".join(open(suite["prompts_test"]).readlines()[:4]))
+    return cfg, str(root / "ckpt"), str(prompts)
 
-    class ScriptedPolicyJudge(judge_lib.RuleJudge):
-        """Random-weight policies answer gibberish: prefer the shorter one, scored 1-10."""
-        def compare(self, prompt, a, b):
-            better = "A" if len(a) < len(b) else "B" if len(b) < len(a) else "tie"
-            return {"better": better, "rating_a": 6.0 if better == "A" else 3.0,
-                    "rating_b": 6.0 if better == "B" else 3.0, "reason": "length"}
 
-    kwargs = dict(ckpt_dir=str(tmp_path / "ckpt"), max_new_tokens=12, batch_size=4,
-                  temperature=1.0)
-    dry = pairs_lib.annotate_job(str(prompts), str(tmp_path / "out"), cfg,
-                                 ScriptedPolicyJudge(), dry_run=True, **kwargs)
+def annotate(policy, out, judge, overwrite=False, **kwargs):
+    """The job as launch runs it (jobs.run), on one device, no vocabulary given."""
+    cfg, ckpt, prompts = policy
+    kwargs = {"ckpt_dir": ckpt, "max_new_tokens": 12, "batch_size": 4, "temperature": 1.0,
+              "partitioner": Partitioner({"data": 1, "fsdp": 1, "tensor": 1}), **kwargs}
+    return jobs.run(lambda: pairs_lib.annotate_job(prompts, str(out), cfg, judge, **kwargs),
+                    str(out), overwrite=overwrite)
+
+
+def test_annotate_job_with_the_rule_judge_writes_readable_pairs(policy, tmp_path, capsys):
+    out = tmp_path / "out"
+    dry = annotate(policy, out, ScriptedPolicyJudge(), dry_run=True)
     assert dry["dry_run"] and "[Answer A]" in capsys.readouterr().out
-    summary = pairs_lib.annotate_job(str(prompts), str(tmp_path / "out"), cfg,
-                                     ScriptedPolicyJudge(), **kwargs)
+    assert not (out / SUMMARY_FILE).exists()  # a dry run finishes nothing
+    judge = ScriptedPolicyJudge()
+    summary = annotate(policy, out, judge)
     pairs = formats.read_pairs(summary["pairs_file"]).records
     assert len(pairs) == summary["pairs"] == summary["judged"] - summary["ties"] > 0
+    assert len(judge.asked) == summary["pairs_to_judge"] == summary["judged"]
     assert all(len(p.chosen) <= len(p.rejected) and p.chosen_rating > p.rejected_rating
                for p in pairs)
+    # The responses are the generate stages' (seed + k), tokenized with the vocabulary the
+    # checkpoint records (none was given).
+    for k in range(2):
+        responses = load_outputs(str(out / f"responses_{k}"))
+        assert {r["generator"] for r in responses} == {f"policy_sample_{k}"}
+        recorded = json.load(open(out / f"responses_{k}" / FINGERPRINT_FILE))["fingerprint"]
+        assert (recorded["seed"], recorded["vocabulary"]) == (k, ByteVocabulary().fingerprint())
+    assert json.load(open(out / FINGERPRINT_FILE))["fingerprint"]["judge"] == {
+        "judge": "ScriptedPolicyJudge", "model": "rule-judge-v1"}
+
+    # The same command: skipped, the judge not asked.
+    again = ScriptedPolicyJudge()
+    assert annotate(policy, out, again) == summary and again.asked == []
+    assert "[annotate] already finished" in capsys.readouterr().out
+    # Another temperature: refused, naming it; with overwrite, sampled and judged anew.
+    with pytest.raises(StageChanged, match=r"temperature: 1\.0 → 0\.7"):
+        annotate(policy, out, ScriptedPolicyJudge(), temperature=0.7)
+    with pytest.raises(StageChanged, match=r"judge\.judge: \"ScriptedPolicyJudge\" → "
+                                           r"\"RuleJudge\""):
+        annotate(policy, out, judge_lib.RuleJudge())
+    before = load_outputs(str(out / "responses_0"))
+    redone_judge = ScriptedPolicyJudge()
+    redone = annotate(policy, out, redone_judge, overwrite=True, seed=2)
+    assert len(redone_judge.asked) == redone["pairs_to_judge"] == redone["judged"] > 0
+    # Sampled anew: responses_0 now holds what responses_0 of seed 2 (seed + 0) draws.
+    assert json.load(open(out / "responses_0" / FINGERPRINT_FILE))["fingerprint"]["seed"] == 2
+    assert [r["output"] for r in load_outputs(str(out / "responses_0"))] != [
+        r["output"] for r in before]
 
 
-def test_annotate_gin_run_dry_run(tmp_path, capsys):
+def test_annotate_job_asks_again_for_unjudged_pairs_only(policy, tmp_path, capsys):
+    out = tmp_path / "out"
+    prompts = formats.read_prompts(policy[2]).records
+    bad = prompts[1].text
+    first = annotate(policy, out, ScriptedPolicyJudge(unusable=[bad]))
+    assert first["unjudged"] == 1 and first["judged"] == first["pairs_to_judge"] - 1
+    [record] = [json.loads(line) for line in open(out / pairs_lib.UNJUDGED_FILE)]
+    assert (record["prompt_index"], record["reply"]) == (1, GARBAGE)
+    assert f"[annotate] 1 pair unjudged (see {out / 'unjudged.jsonl'})" in capsys.readouterr().out
+    # The same command asks for that pair only; the stage then holds every pair.
+    healthy = ScriptedPolicyJudge()
+    second = annotate(policy, out, healthy)
+    assert healthy.asked == [bad] and second["unjudged"] == 0
+    assert second["pairs"] == first["pairs"] + 1
+    assert (out / pairs_lib.UNJUDGED_FILE).read_text() == ""
+    assert annotate(policy, out, ScriptedPolicyJudge()) == second  # finished: skipped
+
+
+def test_annotate_gin_run_dry_run(policy, tmp_path, capsys):
     from xwin_jax import launch
 
-    cfg = llama.preset("tiny")
-    save_params(str(tmp_path / "ckpt"), cfg, llama.init_params(cfg, jax.random.key(0)))
-    suite = synthetic.write_suite(str(tmp_path / "data"), seed=0, num_prompts=60)
-    summary = launch.run_gin_job(["models/tiny.gin", "runs/annotate.gin"], [
-        f"CKPT_DIR = '{tmp_path / 'ckpt'}'", f"PROMPTS = '{suite['prompts_test']}'",
-        f"OUTPUT_DIR = '{tmp_path / 'out'}'", "pairs.annotate_job.max_new_tokens = 4",
-        "pairs.annotate_job.dry_run = True"])
+    _, ckpt, prompts = policy
+    summary = launch.run_gin_job(["models/tiny.gin", "mesh/single.gin", "runs/annotate.gin"], [
+        f"CKPT_DIR = '{ckpt}'", f"PROMPTS = '{prompts}'", f"OUTPUT_DIR = '{tmp_path / 'out'}'",
+        "pairs.annotate_job.max_new_tokens = 12", "pairs.annotate_job.batch_size = 4",
+        "pairs.annotate_job.partitioner = %PARTITIONER", "pairs.annotate_job.dry_run = True"])
     assert summary["dry_run"] and "Which answer is better" in capsys.readouterr().out
     assert "OPENAI_API_KEY" not in open(tmp_path / "out" / "config.gin").read()
+
+
+def test_judges_fingerprint_what_decides_their_verdicts(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    base = judge_lib.OpenAIJudge(model="gpt-4")
+    same = judge_lib.OpenAIJudge(model="gpt-4", base_url="http://127.0.0.1:1/v1",
+                                 api_key="sk-other", timeout_s=5.0, max_attempts=2,
+                                 max_parse_retries=3, backoff_s=0.1)
+    assert same.fingerprint() == base.fingerprint() == {
+        "judge": "OpenAIJudge", "model": "gpt-4", "temperature": 0.0, "max_tokens": 256,
+        "prompt": judge_lib.prompt_digest()}
+    assert "sk-" not in json.dumps(base.fingerprint())
+    for change in ({"model": "gpt-4o"}, {"temperature": 0.5}, {"max_tokens": 512}):
+        assert judge_lib.OpenAIJudge(**{"model": "gpt-4", **change}).fingerprint() != (
+            base.fingerprint()), change
+    before = base.fingerprint()["prompt"]  # another judge prompt is another judge
+    monkeypatch.setattr(judge_lib, "JUDGE_TEMPLATE", judge_lib.JUDGE_TEMPLATE + " Be brief.")
+    assert base.fingerprint()["prompt"] != before
+    assert judge_lib.RuleJudge().fingerprint() == {"judge": "RuleJudge",
+                                                  "model": "rule-judge-v1"}

@@ -11,13 +11,15 @@ import pytest
 import scipy.optimize
 
 from conftest import GARBAGE
+from xwin_jax import jobs
 from xwin_jax.annotate.judge import RuleJudge
 from xwin_jax.checkpoints.params import save_params
 from xwin_jax.data import formats, synthetic, template
-from xwin_jax.data.vocabulary import get_vocabulary
+from xwin_jax.data.vocabulary import ByteVocabulary
 from xwin_jax.errors import UserError
 from xwin_jax.evaluate import pairwise, winrate
 from xwin_jax.models import heads, llama
+from xwin_jax.train.stage import SUMMARY_FILE, StageChanged
 
 
 def test_win_rate_and_standard_error_by_hand():
@@ -173,10 +175,16 @@ def outputs(tmp_path):
     return paths
 
 
-def test_evaluate_job_with_the_rule_judge(outputs, tmp_path):
+def evaluate(outputs, out, judge, overwrite=False, **kwargs):
+    """The job as launch runs it (jobs.run)."""
+    return jobs.run(lambda: pairwise.evaluate_job(outputs["model"], outputs["reference"],
+                                                  str(out), judge, **kwargs),
+                    str(out), overwrite=overwrite)
+
+
+def test_evaluate_job_with_the_rule_judge(outputs, tmp_path, capsys):
     judge = CountingJudge()
-    row = pairwise.evaluate_job(outputs["model"], outputs["reference"], str(tmp_path / "eval"),
-                                judge)
+    row = evaluate(outputs, tmp_path / "eval", judge)
     # 11 judged: the model's correct, concise answers beat every reference; one draw.
     assert (row["n_wins"], row["n_wins_base"], row["n_draws"]) == (11, 0, 1)
     assert row["win_rate"] == pytest.approx(100 * 11.5 / 12)
@@ -194,31 +202,62 @@ def test_evaluate_job_with_the_rule_judge(outputs, tmp_path):
     assert table[0][""] == "aligned"
     assert list(table[0])[1:] == [*winrate.LEADERBOARD_COLUMNS, *pairwise.EXTRA_COLUMNS]
     assert table[0]["n_unjudged"] == "0" and table[0]["rm_win_rate"] == ""
-    summary = json.load(open(tmp_path / "eval" / pairwise.SUMMARY_FILE))
+    summary = json.load(open(tmp_path / "eval" / SUMMARY_FILE))
     assert summary["win_rate"] == row["win_rate"] and summary["n_unjudged"] == 0
     assert summary["judge"] == judge.model and summary["generator"] == "aligned"
-    # A rerun is answered from the cache.
+    # The same command: skipped, the judge not asked.
     again = CountingJudge()
-    assert pairwise.evaluate_job(outputs["model"], outputs["reference"],
-                                 str(tmp_path / "eval"), again)["win_rate"] == row["win_rate"]
-    assert again.seen == []
+    assert evaluate(outputs, tmp_path / "eval", again) == row and again.seen == []
+    assert "[evaluate] already finished" in capsys.readouterr().out
+    # Other model outputs, or another order seed: refused, naming what changed.
+    with open(outputs["model"]) as f:
+        records = json.load(f)
+    records[3]["output"] = "Something else."
+    with open(outputs["model"], "w") as f:
+        json.dump(records, f)
+    with pytest.raises(StageChanged, match=r"model_outputs\.sha256: "):
+        evaluate(outputs, tmp_path / "eval", CountingJudge())
+    with pytest.raises(StageChanged, match=r"seed: 0 → 1"):
+        evaluate(outputs, tmp_path / "eval", CountingJudge(), seed=1)
+    # With overwrite, the new outputs are judged from scratch (the old verdicts discarded).
+    redone_judge = CountingJudge()
+    redone = evaluate(outputs, tmp_path / "eval", redone_judge, overwrite=True)
+    assert len(redone_judge.seen) == 11
+    # The changed answer states no answer, as the reference: a draw now.
+    assert (redone["n_wins"], redone["n_wins_base"], redone["n_draws"]) == (10, 0, 2)
+
+
+def test_evaluate_gin_run(outputs, tmp_path):
+    from xwin_jax import launch
+
+    out = tmp_path / "eval"
+    bindings = [f"MODEL_OUTPUTS = '{outputs['model']}'",
+                f"REFERENCE_OUTPUTS = '{outputs['reference']}'", f"OUTPUT_DIR = '{out}'"]
+    row = launch.run_gin_job(["runs/evaluate.gin"], bindings)
+    assert (row["n_wins"], row["n_draws"], row["judge"]) == (11, 1, "rule-judge-v1")
+    assert (out / "config.gin").exists() and (out / "operative_config.gin").exists()
+    with pytest.raises(StageChanged, match=r"name: \"aligned\" → \"renamed\""):
+        launch.run_gin_job(["runs/evaluate.gin"],
+                           bindings + ["pairwise.evaluate_job.name = 'renamed'"])
 
 
 def test_reward_model_columns(outputs, tmp_path, capsys):
     cfg = llama.preset("tiny", hidden_size=32, intermediate_size=64, num_layers=1)
-    save_params(str(tmp_path / "rm"), cfg, heads.init_reward_params(cfg, jax.random.key(0)),
-                head="score")
+    # No vocabulary is given: the reward model's own (recorded with it) tokenizes.
+    rng = np.random.default_rng(0)  # random weights without compiling an init
+    params = jax.tree.map(lambda x: rng.normal(0, 0.2, x.shape).astype(x.dtype),
+                          heads.reward_param_shapes(cfg))
+    save_params(str(tmp_path / "rm"), cfg, params, head="score", vocabulary=ByteVocabulary())
     with open(tmp_path / "rm" / "reward_stats.json", "w") as f:
         json.dump({"mean": 0.5, "std": 2.0}, f)
     out = tmp_path / "eval"
-    row = pairwise.evaluate_job(outputs["model"], outputs["reference"], str(out), RuleJudge(),
-                                reward_dir=str(tmp_path / "rm"), reward_seq_len=384,
-                                reward_batch_size=8)
+    # The default partitioner: batches of 8 over the 8 CPU devices.
+    row = evaluate(outputs, out, RuleJudge(), reward_dir=str(tmp_path / "rm"),
+                   reward_seq_len=384, reward_batch_size=8)
     matched = pairwise.match_outputs(pairwise.read_outputs(outputs["model"]),
                                      pairwise.read_outputs(outputs["reference"]))
     # Each output scored alone, unpadded, through the chat template.
-    params = heads.init_reward_params(cfg, jax.random.key(0))
-    vocab = get_vocabulary("bytes")
+    vocab = ByteVocabulary()
 
     score = jax.jit(lambda tokens, mask: heads.RewardModel(cfg).apply({"params": params},
                                                                       tokens, mask))
@@ -240,7 +279,7 @@ def test_reward_model_columns(outputs, tmp_path, capsys):
                 "rm_win_rate": 100 * np.mean(wins)}
     # In the returned row, summary.json, leaderboard.csv (after AlpacaEval's columns) and
     # the printed lines.
-    summary = json.load(open(out / pairwise.SUMMARY_FILE))
+    summary = json.load(open(out / SUMMARY_FILE))
     with open(out / pairwise.LEADERBOARD_FILE) as f:
         [table] = list(csv.DictReader(f))
     assert list(table)[1:9] == list(winrate.LEADERBOARD_COLUMNS)
@@ -251,6 +290,12 @@ def test_reward_model_columns(outputs, tmp_path, capsys):
     assert (f"[evaluate] reward model: mean reward {row['rm_mean_reward']:.3f} (reference "
             f"{row['rm_mean_reward_reference']:.3f}), RM win rate {row['rm_win_rate']:.1f}"
             in printed)
+    # The reward model is a setting: other stats (or weights) are refused, naming them.
+    with open(tmp_path / "rm" / "reward_stats.json", "w") as f:
+        json.dump({"mean": 0.0, "std": 2.0}, f)
+    with pytest.raises(StageChanged, match=r"reward_model\.stats\.mean: 0\.5 → 0\.0"):
+        evaluate(outputs, out, RuleJudge(), reward_dir=str(tmp_path / "rm"),
+                 reward_seq_len=384, reward_batch_size=8)
 
 
 def test_bad_outputs_files_name_the_problem(tmp_path):
@@ -285,7 +330,8 @@ def test_jsonl_outputs_split_on_newlines_only(tmp_path):
     with pytest.raises(formats.DataFormatError, match=r"outputs.jsonl:4: field 'output': missing"):
         pairwise.read_outputs(str(path))
     path.write_text(json.dumps(records[1]) + "\n{not json\n")
-    with pytest.raises(formats.DataFormatError, match=r"outputs.jsonl:2: field '<line>': invalid JSON"):
+    with pytest.raises(formats.DataFormatError,
+                       match=r"outputs.jsonl:2: field '<line>': invalid JSON"):
         pairwise.read_outputs(str(path))
 
 
@@ -341,14 +387,14 @@ def test_an_unjudged_instruction_is_reported_and_a_rerun_asks_only_for_it(
     [record] = [json.loads(line) for line in open(out / "unjudged.jsonl")]
     assert (record["index"], record["instruction"][:40], record["reply"]) == (5, bad[:40],
                                                                               GARBAGE)
-    summary = json.load(open(out / pairwise.SUMMARY_FILE))
+    summary = json.load(open(out / SUMMARY_FILE))
     assert summary["n_unjudged"] == 1 and summary["n_total"] == 11
     with open(out / pairwise.LEADERBOARD_FILE) as f:
         assert [r["n_unjudged"] for r in csv.DictReader(f)] == ["1"]
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[-1].startswith(
+    printed = capsys.readouterr().out.strip().splitlines()  # then the stage's "done" line
+    assert printed[-2].startswith(
         f"[evaluate] 1 instruction unjudged (see {out / 'unjudged.jsonl'})")
-    assert "over 11 instructions" in printed[-2]
+    assert "over 11 instructions" in printed[-3]
     # A healthy rerun pays for that instruction only.
     fake, judge = fake_judge()
     row = pairwise.evaluate_job(outputs["model"], outputs["reference"], str(out), judge)
@@ -360,8 +406,10 @@ def test_an_unjudged_instruction_is_reported_and_a_rerun_asks_only_for_it(
 
 def test_nothing_judged_is_a_user_error(fake_judge, outputs, tmp_path):
     fake, judge = fake_judge(style="garbage")
+    out = tmp_path / "eval"
     with pytest.raises(UserError, match="no instruction could be judged"):
-        pairwise.evaluate_job(outputs["model"], outputs["reference"], str(tmp_path), judge)
+        pairwise.evaluate_job(outputs["model"], outputs["reference"], str(out), judge)
     assert fake.calls == 11 * 2
-    assert len((tmp_path / "unjudged.jsonl").read_text().strip().split("\n")) == 11
-    assert not (tmp_path / pairwise.LEADERBOARD_FILE).exists()
+    assert len((out / "unjudged.jsonl").read_text().strip().split("\n")) == 11
+    assert not (out / pairwise.LEADERBOARD_FILE).exists()
+    assert not (out / SUMMARY_FILE).exists()  # unfinished: the same command tries again

@@ -169,3 +169,27 @@ def test_appended_files_drop_what_a_kill_cut_off(tmp_path):
     path.write_bytes(lines[0] + b'{"index": 1, "output": "\xff"}\n' + lines[2])
     assert sorted(formats.read_appended_jsonl(str(path), "index")) == [0, 2]
     assert formats.read_appended_jsonl(str(tmp_path / "missing.jsonl"), "index") == {}
+
+
+def test_appends_resume_on_a_clean_line_and_a_torn_tail_is_cut_in_place(tmp_path):
+    """A torn last line is truncated away (the file keeps its inode: nothing rewritten);
+    a bad line further up is dropped by an atomic rewrite (no temporary file left)."""
+    path = tmp_path / "outputs.jsonl"
+    formats.append_jsonl(str(path), [{"index": 0, "output": "a"}, {"index": 1, "output": "b"}])
+    formats.append_jsonl(str(path), [{"index": 2, "output": "c\u2028d"}], sync=False)
+    assert formats.read_appended_jsonl(str(path), "index") == {
+        0: {"index": 0, "output": "a"}, 1: {"index": 1, "output": "b"},
+        2: {"index": 2, "output": "c\u2028d"}}
+    whole = path.read_bytes()
+    inode = path.stat().st_ino
+    with open(path, "ab") as f:
+        f.write(b'{"index": 3, "out')  # what a kill mid-append leaves
+    assert sorted(formats.read_appended_jsonl(str(path), "index")) == [0, 1, 2]
+    assert path.read_bytes() == whole and path.stat().st_ino == inode
+    formats.append_jsonl(str(path), [{"index": 3, "output": "e"}])
+    assert sorted(formats.read_appended_jsonl(str(path), "index")) == [0, 1, 2, 3]
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join([lines[0], b"\x00\x00\x00", *lines[1:]]))
+    assert sorted(formats.read_appended_jsonl(str(path), "index")) == [0, 1, 2, 3]
+    assert path.read_bytes() == whole + formats.jsonl_line({"index": 3, "output": "e"}).encode()
+    assert [p.name for p in tmp_path.iterdir()] == ["outputs.jsonl"]

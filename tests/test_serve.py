@@ -325,7 +325,7 @@ def test_the_serve_job_writes_nothing_into_the_checkpoint_directory(tmp_path, mo
     from xwin_jax.checkpoints.params import save_params
 
     ckpt = tmp_path / "ckpt"
-    save_params(str(ckpt), CFG, PARAMS)
+    save_params(str(ckpt), CFG, PARAMS, vocabulary=VOCAB)
     before = sorted((p.relative_to(ckpt), p.stat().st_mtime_ns) for p in ckpt.rglob("*"))
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs))
@@ -335,3 +335,30 @@ def test_the_serve_job_writes_nothing_into_the_checkpoint_directory(tmp_path, mo
     assert served == [{"host": "127.0.0.1", "port": 8000, "log_level": "warning"}]
     assert sorted((p.relative_to(ckpt), p.stat().st_mtime_ns) for p in ckpt.rglob("*")) == before
     assert not list(tmp_path.rglob("config.gin"))
+
+
+def test_the_serve_job_tokenizes_with_the_checkpoint_s_vocabulary(tmp_path, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from test_generate_job import merged_vocabulary
+    from xwin_jax import launch
+    from xwin_jax.checkpoints.params import save_params
+
+    vocab = merged_vocabulary(tmp_path / "tokenizer")
+    save_params(str(tmp_path / "ckpt"), CFG, PARAMS, vocabulary=vocab)
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+
+    def prompt_tokens(*bindings):
+        launch.run_gin_job(["models/tiny.gin", "runs/serve.gin"], [
+            f"CKPT_DIR = '{tmp_path / 'ckpt'}'", "serve.serve.warmup_prompt_lens = ()",
+            "serve.serve.max_batch_size = 1", *bindings])
+        with TestClient(apps[-1]) as client:
+            reply = client.post("/v1/completions", json={"prompt": "Say hi", "max_tokens": 1,
+                                                         "temperature": 0.0})
+        return reply.json()["usage"]["prompt_tokens"]
+
+    # BOS + "Say" + " hi": the merges of the recorded tokenizer; bytes when told so.
+    assert prompt_tokens() == 1 + len(vocab.encode("Say hi")) == 3
+    assert prompt_tokens("VOCABULARY = 'bytes'") == 1 + len("Say hi")

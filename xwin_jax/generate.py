@@ -1,17 +1,24 @@
 """The generate job: a prompts file → the chat template → batched generation → JSONL outputs
 and an AlpacaEval-format JSON.
 
-    python -m xwin_jax.launch --gin_file=gin/runs/generate.gin --gin.CKPT_DIR="'/runs/x/sft/final'" \
-        --gin.PROMPTS="'alpaca_eval.json'" --gin.OUTPUT_DIR="'/runs/x/generate'"
+    python -m xwin_jax.launch --gin_file=gin/models/tiny.gin --gin_file=gin/runs/generate.gin \
+        --gin.CKPT_DIR="'/runs/x/sft/final'" --gin.PROMPTS="'alpaca_eval.json'" \
+        --gin.OUTPUT_DIR="'/runs/x/generate'"
 
-Prompts are sorted by length and batched (length bucketing), padded to a multiple of 64 so few
-shapes compile. Each finished batch is appended to OUTPUT_DIR/outputs.jsonl at once, so a
-killed job rerun with the same command skips what it already wrote.
+CKPT_DIR is a params checkpoint or an HF directory; the prompts are tokenized with the
+vocabulary it records unless VOCABULARY says otherwise. OUTPUT_DIR is a stage
+(train/stage.py): its fingerprint is the prompts file's contents, the checkpoint's (by
+content), the vocabulary and the sampling settings, so a rerun of a finished job skips, a
+killed one resumes, and one pointed at another checkpoint or temperature is refused naming
+what changed. Prompts are sorted by length and batched (length bucketing), padded to a
+multiple of 64 so few shapes compile. Each finished batch is appended to
+OUTPUT_DIR/outputs.jsonl at once (data/formats.py: append_jsonl), so a killed job resumes
+after what it already wrote; each prompt samples with its own key, so what it gets does not
+depend on the batch size, its batch-mates or the resume.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -19,27 +26,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from xwin_jax import sampling
-from xwin_jax.checkpoints import hf
-from xwin_jax.checkpoints.params import load_params
+from xwin_jax import fingerprint, sampling
 from xwin_jax.data import converters, formats
-from xwin_jax.data.vocabulary import get_vocabulary
 from xwin_jax.errors import ConfigError
 from xwin_jax.models.config import LlamaConfig
+from xwin_jax.models.spec import LM
+from xwin_jax.partitioning import Partitioner
+from xwin_jax.train.sharded import Start, frozen_params
+from xwin_jax.train.stage import run_stage, write_json
 
 OUTPUTS_FILE = "outputs.jsonl"
 ALPACA_EVAL_FILE = "alpaca_eval.json"
 PAD_MULTIPLE = 64
-
-
-def load_model(model: LlamaConfig, ckpt_dir: str | None = None, hf_dir: str | None = None):
-    """(config, params) from a params checkpoint or an HF directory; numerics from `model`."""
-    if bool(ckpt_dir) == bool(hf_dir):
-        raise ConfigError("give exactly one of ckpt_dir (params checkpoint) and hf_dir")
-    if hf_dir:
-        return hf.load_hf(hf_dir, **model.runtime_fields())
-    cfg, params = load_params(ckpt_dir, scan_layers=model.scan_layers)
-    return cfg.replace(**model.runtime_fields()), params
 
 
 def read_done(path: str) -> dict[int, dict]:
@@ -52,66 +50,87 @@ def _padded_width(length: int) -> int:
 
 
 def generate_job(prompts_path: str, output_dir: str, model: LlamaConfig, *,
-                 ckpt_dir: str | None = None, hf_dir: str | None = None,
-                 vocabulary: str = "bytes", generator: str = "xwin_jax",
+                 ckpt_dir: str, vocabulary: Any = None, generator: str = "xwin_jax",
                  batch_size: int = 16, max_new_tokens: int = 256, temperature: float = 0.7,
                  top_k: int = 0, top_p: float = 1.0, max_prompt_len: int = 1024,
-                 system: str | None = None, seed: int = 0, skip_invalid: bool = False) -> dict:
-    """Generates a response for every prompt not yet in OUTPUT_DIR/outputs.jsonl."""
+                 system: str | None = None, seed: int = 0, skip_invalid: bool = False,
+                 partitioner: Partitioner | None = None) -> dict:
+    """Generates a response for every prompt of PROMPTS into OUTPUT_DIR (a stage: see the
+    module docstring). `ckpt_dir`: a params checkpoint or an HF directory; `vocabulary`
+    (None: the checkpoint's) overrides the tokenizer it records. Returns the summary."""
+    if jax.process_count() > 1:
+        raise ConfigError("the generate job runs on one host for now (one writer of "
+                          "outputs.jsonl)", hint="run one process and shard over its local "
+                                                 "devices")
+    prompts = formats.read_prompts(prompts_path, skip_invalid=skip_invalid).records
+    start = Start.policy(model, ckpt_dir, vocabulary, what="CKPT_DIR")
+    sampling_settings = dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p)
+    settings = {"prompts": fingerprint.file_identity(prompts_path), "skip_invalid": skip_invalid,
+                "checkpoint": start.checkpoint, "model": start.config,
+                "vocabulary": start.vocabulary, **sampling_settings,
+                "max_prompt_len": max_prompt_len, "system": system, "seed": seed,
+                "generator": generator}
+    return run_stage(output_dir, "generate", settings, lambda stage_dir: _generate(
+        stage_dir, prompts, os.path.basename(prompts_path), start,
+        partitioner or Partitioner(), generator=generator, batch_size=batch_size,
+        max_prompt_len=max_prompt_len, system=system, seed=seed, **sampling_settings))
+
+
+def _generate(stage_dir: str, prompts: list[formats.Prompt], dataset: str, start: Start,
+              partitioner: Partitioner, *, generator: str, batch_size: int,
+              max_prompt_len: int, system: str | None, seed: int, **sampling_settings) -> dict:
+    """The generate stage's body: what is not yet in outputs.jsonl, then alpaca_eval.json."""
     from tqdm import tqdm
 
-    os.makedirs(output_dir, exist_ok=True)
-    outputs_path = os.path.join(output_dir, OUTPUTS_FILE)
-    prompts = formats.read_prompts(prompts_path, skip_invalid=skip_invalid).records
-    vocab = get_vocabulary(vocabulary)
+    outputs_path = os.path.join(stage_dir, OUTPUTS_FILE)
+    vocab, cfg = start.vocabulary, start.config
     done = read_done(outputs_path)
     pending = [i for i in range(len(prompts)) if i not in done]
-    cfg, params = load_model(model, ckpt_dir, hf_dir)
-    started, new_tokens = time.perf_counter(), 0
+    began, new_tokens = time.perf_counter(), 0
+    if pending:
+        params, _ = frozen_params(start.checkpoint, LM, partitioner)
+    # A whole number of rows per device: the batch is sharded over (data, fsdp).
+    batch_size = -(-batch_size // partitioner.batch_divisor) * partitioner.batch_divisor
     ids = {i: converters.prompt_ids(prompts[i].conversation, vocab, max_prompt_len, system)
            for i in pending}
     pending.sort(key=lambda i: (len(ids[i]), i))
     bar = tqdm(total=len(prompts), initial=len(done), desc="generate", dynamic_ncols=True)
-    with open(outputs_path, "a", encoding="utf-8") as out:
-        for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
-            rows = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed batch shape
-            width = _padded_width(max(len(ids[i]) for i in chunk))
-            batch = converters.left_padded_batch([ids[i] for i in rows], width, vocab.pad_id)
-            # A key per prompt: its sample does not depend on batch size, bucketing or resume.
-            keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
-                jax.random.key(seed), np.asarray(rows, np.uint32))
-            result = sampling.generate(
-                params, cfg, batch["tokens"], batch["mask"], keys,
-                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, stop_ids=(vocab.eos_id,), pad_id=vocab.pad_id)
-            texts = result.texts(vocab)
-            for r, index in enumerate(chunk):
-                n = int(result.lengths[r])
-                new_tokens += n
-                out.write(formats.jsonl_line({
-                    "index": index, "instruction": prompts[index].text,
-                    "output": texts[r], "generator": generator,
-                    "finished": bool(result.finished[r]), "num_tokens": n,
-                    "logprob": float(np.sum(result.logprobs[r, :n]))}))
-            out.flush()
-            bar.update(len(chunk))
+    for first in range(0, len(pending), batch_size):
+        chunk = pending[first:first + batch_size]
+        rows = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed batch shape
+        width = _padded_width(max(len(ids[i]) for i in chunk))
+        batch = converters.left_padded_batch([ids[i] for i in rows], width, vocab.pad_id)
+        # A key per prompt: its sample does not depend on batch size, bucketing or resume.
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+            jax.random.key(seed), np.asarray(rows, np.uint32))
+        result = sampling.generate(params, cfg, batch["tokens"], batch["mask"], keys,
+                                   stop_ids=(vocab.eos_id,), pad_id=vocab.pad_id,
+                                   partitioner=partitioner, **sampling_settings)
+        texts = result.texts(vocab)
+        records = []
+        for r, index in enumerate(chunk):
+            n = int(result.lengths[r])
+            new_tokens += n
+            records.append({"index": index, "instruction": prompts[index].text,
+                            "output": texts[r], "generator": generator,
+                            "finished": bool(result.finished[r]), "num_tokens": n,
+                            "logprob": float(np.sum(result.logprobs[r, :n]))})
+        formats.append_jsonl(outputs_path, records)
+        bar.update(len(chunk))
     bar.close()
     done = read_done(outputs_path)
-    alpaca = [{"instruction": done[i]["instruction"], "output": done[i]["output"],
-               "generator": generator,
-               "dataset": prompts[i].record.get("dataset", os.path.basename(prompts_path))}
-              for i in range(len(prompts))]
-    with open(os.path.join(output_dir, ALPACA_EVAL_FILE), "w", encoding="utf-8") as f:
-        json.dump(alpaca, f, ensure_ascii=False, indent=2)
-    elapsed = time.perf_counter() - started
-    summary = {"prompts": len(prompts), "generated_now": len(pending),
-               "new_tokens": new_tokens, "seconds": round(elapsed, 2),
-               "new_tokens_per_s": new_tokens / elapsed if pending else None,
-               "outputs": outputs_path}
+    write_json(os.path.join(stage_dir, ALPACA_EVAL_FILE), [
+        {"instruction": done[i]["instruction"], "output": done[i]["output"],
+         "generator": generator, "dataset": prompts[i].record.get("dataset", dataset)}
+        for i in range(len(prompts))])
+    elapsed = time.perf_counter() - began
     print(f"[generate] {len(pending)} prompts generated now ({len(prompts)} in all) → "
-          f"{output_dir}")
-    return summary
+          f"{stage_dir}")
+    return {"prompts": len(prompts), "generated_now": len(pending), "new_tokens": new_tokens,
+            "seconds": round(elapsed, 2),
+            "new_tokens_per_s": new_tokens / elapsed if pending else None,
+            "outputs": outputs_path}
 
 
 def load_outputs(output_dir: str) -> list[dict[str, Any]]:

@@ -3,6 +3,9 @@
     python -m xwin_jax.launch --gin_file=gin/models/tiny.gin --gin_file=gin/runs/serve.gin \
         --gin.CKPT_DIR="'/runs/x/sft/final'" [--gin.PORT=8000]
 
+CKPT_DIR is a params checkpoint or an HF directory (models/spec.py: open_checkpoint); the
+server tokenizes with the vocabulary it records unless VOCABULARY says otherwise.
+
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.chat.completions.create(model="xwin_jax", messages=[{"role": "user", ...}])
 
@@ -39,16 +42,17 @@ import json
 import secrets
 import time
 import uuid
-from typing import AsyncIterator, Literal, Sequence
+from typing import Any, AsyncIterator, Literal, Sequence
 
 import pydantic
 
 from xwin_jax.data import template
 from xwin_jax.data.formats import ASSISTANT, SYSTEM, USER, Conversation, Message
-from xwin_jax.data.vocabulary import get_vocabulary
 from xwin_jax.errors import ConfigError
-from xwin_jax.generate import load_model
 from xwin_jax.models.config import LlamaConfig
+from xwin_jax.models.spec import LM
+from xwin_jax.partitioning import Partitioner
+from xwin_jax.train.sharded import Start, frozen_params
 from xwin_jax.serve_engine import BatchingGenerator, RequestError, Row, Update
 
 __all__ = ["BatchingGenerator", "RequestError", "create_app", "serve"]
@@ -323,17 +327,19 @@ def create_app(generator: BatchingGenerator, model_name: str, system: str | None
     return app
 
 
-def serve(model: LlamaConfig, *, ckpt_dir: str | None = None, hf_dir: str | None = None,
-          vocabulary: str = "bytes", host: str = "127.0.0.1", port: int = 8000,
-          model_name: str = "xwin_jax", max_batch_size: int = 8, max_prompt_len: int = 1024,
-          default_max_tokens: int = 256, max_tokens_limit: int = 1024, max_n: int = 8,
-          chunk_tokens: int = 16, warmup_prompt_lens: Sequence[int] = (64, 128, 256),
+def serve(model: LlamaConfig, *, ckpt_dir: str, vocabulary: Any = None,
+          host: str = "127.0.0.1", port: int = 8000, model_name: str = "xwin_jax",
+          max_batch_size: int = 8, max_prompt_len: int = 1024, default_max_tokens: int = 256,
+          max_tokens_limit: int = 1024, max_n: int = 8, chunk_tokens: int = 16,
+          warmup_prompt_lens: Sequence[int] = (64, 128, 256),
           warmup_max_tokens: Sequence[int] | None = None,
-          warmup_modes: Sequence[str] = ("greedy", "sample"),
-          system: str | None = None) -> None:
-    """The serve job: loads the checkpoint, compiles the warm-up buckets (those holding
-    warmup_prompt_lens x warmup_max_tokens — default: (default_max_tokens,) — in
-    warmup_modes; warmup_prompt_lens=() for none), then serves until interrupted."""
+          warmup_modes: Sequence[str] = ("greedy", "sample"), system: str | None = None,
+          partitioner: Partitioner | None = None) -> None:
+    """The serve job: loads the checkpoint (a params checkpoint or an HF directory; its
+    recorded vocabulary unless `vocabulary` overrides it) in the partitioner's shardings,
+    compiles the warm-up buckets (those holding warmup_prompt_lens x warmup_max_tokens —
+    default: (default_max_tokens,) — in warmup_modes; warmup_prompt_lens=() for none), then
+    serves until interrupted."""
     import uvicorn
 
     if not 1 <= default_max_tokens <= max_tokens_limit:
@@ -341,8 +347,9 @@ def serve(model: LlamaConfig, *, ckpt_dir: str | None = None, hf_dir: str | None
                           f"max_tokens_limit={max_tokens_limit}")
     if max_n < 1:
         raise ConfigError(f"max_n={max_n}: must be at least 1")
-    cfg, params = load_model(model, ckpt_dir, hf_dir)
-    generator = BatchingGenerator(params, cfg, get_vocabulary(vocabulary), max_batch_size,
+    policy = Start.policy(model, ckpt_dir, vocabulary, what="CKPT_DIR")
+    params, _ = frozen_params(policy.checkpoint, LM, partitioner or Partitioner())
+    generator = BatchingGenerator(params, policy.config, policy.vocabulary, max_batch_size,
                                   max_prompt_len, max_tokens_limit, chunk_tokens)
     began = time.perf_counter()
     compiled = generator.warm_up(warmup_prompt_lens, warmup_max_tokens or [default_max_tokens],

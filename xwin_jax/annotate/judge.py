@@ -6,6 +6,10 @@ A verdict is {"better": "A" | "B" | "tie", "rating_a": 1-10, "rating_b": 1-10, "
                                                  # OPENAI_API_KEY unless given; never logged
     RuleJudge()                                  # the synthetic suite's verifiable judge
 
+`judge.fingerprint()` is what decides its verdicts, part of the settings of the stages that
+use it (annotate, evaluate: train/stage.py): OpenAIJudge's model, temperature, max_tokens and
+a digest of the judge prompt — not the key, the endpoint, concurrency, retries or timeouts.
+
 The verdict in a reply is the first JSON object that parses and carries the fields "better",
 "rating_a" and "rating_b" (found by decoding from each "{", so prose, ``` fences, or an
 AlpacaEval-style ranking list after the object do not matter; `parse_verdict`).
@@ -35,6 +39,7 @@ import random
 import threading
 from typing import Any, Iterator
 
+from xwin_jax import fingerprint
 from xwin_jax.data.synthetic import RuleJudge as SyntheticRuleJudge
 from xwin_jax.errors import UserError
 from xwin_jax.redaction import register_secret
@@ -53,7 +58,7 @@ JUDGE_TEMPLATE = """[User request]
 
 Which answer is better, and by how much? Rate each answer from 1 (useless or wrong) to 10
 (correct, helpful and concise). Reply with only a JSON object:
-{{"better": "A" or "B" or "tie", "rating_a": <1-10>, "rating_b": <1-10>, "reason": "<one sentence>"}}"""
+{{"better": "A" or "B" or "tie", "rating_a": <1-10>, "rating_b": <1-10>, "reason": "<one sentence>"}}"""  # noqa: E501
 
 VERDICT_FIELDS = ("better", "rating_a", "rating_b")
 _DECODER = json.JSONDecoder()
@@ -78,6 +83,11 @@ class UnusableReply(ValueError):
     def __init__(self, problem: str, reply: str, replies: int):
         super().__init__(f"no usable verdict in {replies} replies: {problem}")
         self.problem, self.reply, self.replies = problem, reply, replies
+
+
+def prompt_digest() -> str:
+    """A digest of what the judge is asked (system message, template, version)."""
+    return fingerprint.digest([JUDGE_PROMPT_VERSION, JUDGE_SYSTEM, JUDGE_TEMPLATE])
 
 
 def render_prompt(prompt: str, response_a: str, response_b: str) -> str:
@@ -143,6 +153,11 @@ class RuleJudge:
         """One response's 1-10 rating (what the quickstart reports as the judge score)."""
         return float(self._judge.rate(prompt, response).score)
 
+    def fingerprint(self) -> dict:
+        """What decides its verdicts: its rules (their version), and which class applies them
+        (a subclass may judge otherwise)."""
+        return {"judge": type(self).__name__, "model": self.model}
+
 
 @dataclasses.dataclass
 class OpenAIJudge:
@@ -175,6 +190,15 @@ class OpenAIJudge:
         # Set by the caller (judge_pairs) when the work stops — a fatal error elsewhere,
         # Ctrl-C: a request waiting to retry gives up at once instead of minutes later.
         self.stop_event = threading.Event()
+
+    def fingerprint(self) -> dict:
+        """What decides the verdicts (a stage's settings, train/stage.py): the model, its
+        sampling settings and the prompt (a digest of the template) — not the key, the
+        endpoint, concurrency, retries or timeouts, which change how verdicts arrive, not
+        what they are."""
+        return {"judge": type(self).__name__, "model": self.model,
+                "temperature": self.temperature, "max_tokens": self.max_tokens,
+                "prompt": prompt_digest()}
 
     def _count(self, field: str) -> None:
         with self._lock:

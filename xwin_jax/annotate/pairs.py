@@ -4,20 +4,26 @@
         --gin.CKPT_DIR="'/runs/x/sft/final'" --gin.PROMPTS="'prompts.jsonl'" \
         --gin.OUTPUT_DIR="'/runs/x/annotate'" [--gin.JUDGE="@judge.OpenAIJudge()"]
 
-Responses come from the generate job (OUTPUT_DIR/responses_k/, resumable). Each pair is shown
-to the judge in an order drawn from a hash of its content (recorded as `swapped`), and every
-verdict is appended at once to OUTPUT_DIR/judge_cache.jsonl, keyed by (prompt, responses, judge
-model, judge-prompt version): a killed run resumes without paying twice or duplicating, and
-writes the same pairs file byte for byte.
+OUTPUT_DIR is the 'annotate' stage (train/stage.py): its fingerprint is the prompts file's
+contents, the policy checkpoint's (by content), the vocabulary (None: the one the checkpoint
+records), the judge's fingerprint() (its model, sampling settings and prompt — never its key
+or endpoint), the sampling settings and the seed. A rerun of a finished job skips it; one
+that changed any of these is refused naming it, or with --gin.jobs.run.overwrite=True starts
+over. Responses come from nested generate stages (OUTPUT_DIR/responses_k/, seed + k,
+resumable). Each pair is shown to the judge in an order drawn from a hash of its content
+(recorded as `swapped`), and every verdict is appended (and synced) at once to
+OUTPUT_DIR/judge_cache.jsonl, keyed by (prompt, responses, judge model, judge-prompt
+version): a killed run resumes without paying twice or duplicating, and writes the same
+pairs file byte for byte.
 
 A pair whose replies held no usable verdict (annotate/judge.py: asked twice) is *unjudged*: it
-is not cached (a rerun asks again, for it only), not in pairs.jsonl, counted in summary.json
-(`unjudged`), listed in OUTPUT_DIR/unjudged.jsonl (rewritten each run: key, prompt excerpt,
-problem, an excerpt of the last reply) and named in the job's last printed line. What the
-judge wrote (reasons, reply excerpts) passes through `redaction.redact_text` before it is
-stored, so a reply that echoes a credential does not put it in a file. A judge that
-is unreachable or refuses stops the job with a JudgeError that says how many pairs are cached;
-the same command resumes.
+is not cached, not in pairs.jsonl, counted in summary.json (`unjudged`), listed in
+OUTPUT_DIR/unjudged.jsonl (rewritten each run: key, prompt excerpt, problem, an excerpt of
+the last reply) and named in the job's closing lines; a rerun of the same command reopens the
+finished stage and asks the judge again, for those pairs only. What the judge wrote (reasons,
+reply excerpts) passes through `redaction.redact_text` before it is stored, so a reply that
+echoes a credential does not put it in a file. A judge that is unreachable or refuses stops
+the job with a JudgeError that says how many pairs are cached; the same command resumes.
 """
 
 from __future__ import annotations
@@ -31,13 +37,17 @@ from typing import Any, NamedTuple, Sequence
 
 from tqdm import tqdm
 
+from xwin_jax import fingerprint, jobs
 from xwin_jax.annotate.judge import JUDGE_PROMPT_VERSION, JudgeError, UnusableReply, \
     render_prompt
 from xwin_jax.data import formats
 from xwin_jax.errors import ConfigError
 from xwin_jax.generate import generate_job, load_outputs
 from xwin_jax.models.config import LlamaConfig
+from xwin_jax.partitioning import Partitioner
 from xwin_jax.redaction import redact_text
+from xwin_jax.train.sharded import Start
+from xwin_jax.train.stage import run_stage
 
 CACHE_FILE = "judge_cache.jsonl"
 PAIRS_FILE = "pairs.jsonl"
@@ -115,8 +125,7 @@ def judge_pairs(items: Sequence[tuple[str, str, str]], judge: Any, cache_path: s
                   "verdict": _unswap(verdict) if swapped else verdict}
         with lock:
             cache[keys[index]] = record
-            with open(cache_path, "a", encoding="utf-8", newline="\n") as f:
-                f.write(formats.jsonl_line(record))
+            formats.append_jsonl(cache_path, [record])  # synced: a kill loses no paid verdict
 
     pool = ThreadPoolExecutor(max(1, concurrency))
     futures = [pool.submit(judge_one, i) for i in todo]
@@ -184,8 +193,8 @@ def annotate_responses(prompts: Sequence[formats.Prompt], responses: Sequence[Se
                        usd_per_1k_prompt_tokens: float = 0.03,
                        usd_per_1k_completion_tokens: float = 0.06) -> dict:
     """Judges the pairs of `responses` (see pair_items) and writes OUTPUT_DIR/pairs.jsonl
-    (prompt, chosen, rejected, ratings; ties and unjudged pairs left out), unjudged.jsonl
-    and summary.json; returns the summary."""
+    (prompt, chosen, rejected, ratings; ties and unjudged pairs left out) and unjudged.jsonl;
+    returns the summary (what the annotate stage records in summary.json)."""
     os.makedirs(output_dir, exist_ok=True)
     items, owners = pair_items(prompts, responses)
     judged = judge_pairs(items, judge, os.path.join(output_dir, CACHE_FILE), concurrency)
@@ -215,8 +224,8 @@ def annotate_responses(prompts: Sequence[formats.Prompt], responses: Sequence[Se
                "ties": ties, "judge": judge.model, "judge_usage_this_run": usage,
                "estimated_cost_usd_this_run": round(cost, 4), "pairs_file": pairs_path,
                "unjudged_file": unjudged_path}
-    with open(os.path.join(output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if unjudged:  # the same command asks the judge again, for these only
+        summary["incomplete"] = f"{unjudged} pair{'' if unjudged == 1 else 's'} unjudged"
     print(f"[annotate] {len(pairs)} pairs ({ties} ties) from {len(prompts)} prompts → "
           f"{pairs_path}")
     if unjudged:
@@ -225,29 +234,49 @@ def annotate_responses(prompts: Sequence[formats.Prompt], responses: Sequence[Se
 
 
 def annotate_job(prompts_path: str, output_dir: str, model: LlamaConfig, judge: Any, *,
-                 ckpt_dir: str | None = None, hf_dir: str | None = None,
-                 vocabulary: str = "bytes", num_responses: int = 2, temperature: float = 0.7,
-                 top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 16,
-                 concurrency: int = 8, seed: int = 0, dry_run: bool = False,
-                 usd_per_1k_prompt_tokens: float = 0.03,
-                 usd_per_1k_completion_tokens: float = 0.06) -> dict:
-    """Samples the responses (generate job), then `annotate_responses`."""
+                 ckpt_dir: str, vocabulary: Any = None, num_responses: int = 2,
+                 temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0,
+                 max_new_tokens: int = 256, max_prompt_len: int = 1024,
+                 system: str | None = None, batch_size: int = 16, concurrency: int = 8,
+                 seed: int = 0, dry_run: bool = False, usd_per_1k_prompt_tokens: float = 0.03,
+                 usd_per_1k_completion_tokens: float = 0.06,
+                 partitioner: Partitioner | None = None) -> dict:
+    """The Xwin-Pair job: samples `num_responses` answers per prompt from the policy in
+    `ckpt_dir` (a generate stage each, OUTPUT_DIR/responses_k, seed + k), then
+    `annotate_responses`. OUTPUT_DIR is the 'annotate' stage (train/stage.py): its
+    fingerprint is the prompts' contents, the policy checkpoint, the vocabulary (None: the
+    checkpoint's), the judge, the sampling settings and the seed. `dry_run`: sample, print one
+    rendered judge prompt and stop, paying nothing and finishing nothing."""
     if num_responses < 2:
         raise ConfigError(f"num_responses={num_responses}: a pair needs at least 2")
     prompts = formats.read_prompts(prompts_path).records
-    responses = []
-    for k in range(num_responses):
-        directory = os.path.join(output_dir, f"responses_{k}")
-        generate_job(prompts_path, directory, model, ckpt_dir=ckpt_dir, hf_dir=hf_dir,
-                     vocabulary=vocabulary, generator=f"policy_sample_{k}",
-                     batch_size=batch_size, max_new_tokens=max_new_tokens,
-                     temperature=temperature, top_p=top_p, seed=seed + k)
-        responses.append([r["output"] for r in load_outputs(directory)])
+    policy = Start.policy(model, ckpt_dir, vocabulary, what="CKPT_DIR")
+    sampling_settings = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                             max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len,
+                             system=system)
+
+    def sample(stage_dir: str) -> list[list[str]]:
+        responses = []
+        for k in range(num_responses):
+            directory = os.path.join(stage_dir, f"responses_{k}")
+            generate_job(prompts_path, directory, model, ckpt_dir=ckpt_dir,
+                         vocabulary=policy.vocabulary, generator=f"policy_sample_{k}",
+                         batch_size=batch_size, seed=seed + k, partitioner=partitioner,
+                         **sampling_settings)
+            responses.append([r["output"] for r in load_outputs(directory)])
+        return responses
+
     if dry_run:
-        items, _ = pair_items(prompts, responses)
+        jobs.write_config(output_dir, finished=False)
+        items, _ = pair_items(prompts, sample(output_dir))
         if items:
             print(render_prompt(*items[0]))
         return {"pairs_to_judge": len(items), "dry_run": True}
-    return annotate_responses(prompts, responses, output_dir, judge, concurrency=concurrency,
-                              usd_per_1k_prompt_tokens=usd_per_1k_prompt_tokens,
-                              usd_per_1k_completion_tokens=usd_per_1k_completion_tokens)
+    settings = {"prompts": fingerprint.file_identity(prompts_path),
+                "checkpoint": policy.checkpoint, "model": policy.config,
+                "vocabulary": policy.vocabulary, "judge": judge,
+                "num_responses": num_responses, **sampling_settings, "seed": seed}
+    return run_stage(output_dir, "annotate", settings, lambda stage_dir: annotate_responses(
+        prompts, sample(stage_dir), stage_dir, judge, concurrency=concurrency,
+        usd_per_1k_prompt_tokens=usd_per_1k_prompt_tokens,
+        usd_per_1k_completion_tokens=usd_per_1k_completion_tokens))

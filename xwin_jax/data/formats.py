@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 from xwin_jax.errors import UserError
 
@@ -349,15 +349,9 @@ def jsonl_line(record: Any) -> str:
     return text + "\n"
 
 
-def read_appended_jsonl(path: str, key: str) -> dict[Any, dict]:
-    """The records of a JSONL file a job appends to as it goes (generated answers, sampled
-    responses, cached verdicts), by record[key]. A line a kill cut off — torn JSON, a torn
-    UTF-8 character, a missing final newline — is dropped and the file rewritten without it,
-    so later appends start on a clean line and the dropped record is simply redone."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        data = f.read()
+def _complete_lines(data: bytes, key: str) -> tuple[dict[Any, dict], list[bytes]]:
+    """The records of the complete lines (those ending in a newline), by record[key], and
+    the lines that hold one (what the file should keep)."""
     records, good = {}, []
     for raw in data.split(b"\n")[:-1]:  # the part after the last newline is incomplete
         try:
@@ -366,11 +360,50 @@ def read_appended_jsonl(path: str, key: str) -> dict[Any, dict]:
             good.append(raw + b"\n")
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             continue
-    if sum(map(len, good)) != len(data):
-        with open(path + ".partial", "wb") as f:
+    return records, good
+
+
+def read_appended_jsonl(path: str, key: str) -> dict[Any, dict]:
+    """The records of a JSONL file a job appends to as it goes (generated answers, sampled
+    responses, cached verdicts), by record[key]. What a kill cut off — torn JSON, a torn
+    UTF-8 character, a missing final newline — is dropped, so later appends start on a clean
+    line and the dropped record is simply redone: a torn last line is cut off where the last
+    complete one ends (the lines before it stay as they are on disk), and a bad line further
+    up (which no kill leaves: a damaged disk) by an atomic rewrite (temporary file, fsync,
+    os.replace), so a crash at any moment leaves either file whole."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        data = f.read()
+    records, good = _complete_lines(data, key)
+    kept = sum(map(len, good))
+    if kept == len(data):
+        return records
+    if data.startswith(b"".join(good)):  # only the tail is bad
+        with open(path, "r+b") as f:
+            f.truncate(kept)
+            _sync(f)
+    else:
+        tmp = f"{path}.{os.getpid()}.partial"
+        with open(tmp, "wb") as f:
             f.writelines(good)
-        os.replace(path + ".partial", path)
+            _sync(f)
+        os.replace(tmp, path)
     return records
+
+
+def append_jsonl(path: str, records: Iterable[Any], *, sync: bool = True) -> None:
+    """Appends records to a file read back by read_appended_jsonl, one line each, flushed
+    (with sync, fsynced: call at a batch boundary, so what a crash keeps is whole batches)."""
+    with open(path, "a", encoding="utf-8", newline="\n") as f:
+        f.writelines(jsonl_line(record) for record in records)
+        if sync:
+            _sync(f)
+
+
+def _sync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:

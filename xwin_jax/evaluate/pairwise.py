@@ -19,40 +19,52 @@ Writes to OUTPUT_DIR:
   "unjudged:". It is not cached, so a rerun asks again for it only.
 - unjudged.jsonl: the unjudged instructions (index, instruction excerpt, problem, an excerpt of
   the last reply), rewritten each run.
-- leaderboard.csv: a row per generator, AlpacaEval's columns first and unchanged, then
+- leaderboard.csv: the generator's row, AlpacaEval's columns first and unchanged, then
   `n_unjudged` and, with a reward model, `rm_mean_reward`, `rm_mean_reward_reference`,
   `rm_win_rate`.
 - summary.json: this run's row (win rate, SE, LC, counts, n_unjudged, judge, mean ratings, the
   RM columns) and the paths of the files above.
 
+OUTPUT_DIR is a stage (train/stage.py): its fingerprint is the contents of both outputs
+files, the judge (its fingerprint(): model, sampling settings, prompt — not its key or
+endpoint), the row's name, the seed and the reward model. A rerun of a finished evaluation
+skips it; one that changed any of these is refused naming it (one evaluation per directory).
+
 Unjudged instructions are left out of the win rate (and of n_total) and reported in
-`n_unjudged` and in a printed line; if none of the instructions sent to the judge could be
-judged, the job stops with a UserError (after writing annotations.json and unjudged.jsonl).
-With a reward model (`reward_dir`), also the mean normalised reward of both sides and the
-RM's win rate.
+`n_unjudged` and in a printed line; a rerun of the same command asks the judge again for
+those only (the finished stage is reopened). If none of the instructions sent to the judge
+could be judged, the job stops with a UserError (after writing annotations.json and
+unjudged.jsonl). With a reward model (`reward_dir`: rewards.RewardScorer, the outputs
+tokenized with the vocabulary it records), also the mean normalised reward of both sides and
+the RM's win rate.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from xwin_jax.annotate.pairs import UNJUDGED_FILE, excerpt, judge_pairs, unjudged_line, \
-    write_unjudged
+from xwin_jax import fingerprint
+from xwin_jax.annotate.pairs import UNJUDGED_FILE, excerpt, judge_pairs, \
+    unjudged_line, write_unjudged
 from xwin_jax.data import formats
 from xwin_jax.data.formats import DataFormatError
+from xwin_jax.data.vocabulary import resolve_vocabulary
 from xwin_jax.errors import UserError
 from xwin_jax.evaluate.winrate import LEADERBOARD_COLUMNS, leaderboard_row
+from xwin_jax.models.config import LlamaConfig
+from xwin_jax.models.spec import open_checkpoint
+from xwin_jax.partitioning import Partitioner
+from xwin_jax.rewards import RewardScorer, RewardStats
+from xwin_jax.train.stage import run_stage, write_json
 
 ANNOTATIONS_FILE = "annotations.json"
 LEADERBOARD_FILE = "leaderboard.csv"
-SUMMARY_FILE = "summary.json"
 CACHE_FILE = "judge_cache.jsonl"
 RM_COLUMNS = ("rm_mean_reward", "rm_mean_reward_reference", "rm_win_rate")
 # After AlpacaEval's columns, which stay first and unchanged.
@@ -123,22 +135,14 @@ def judge_outputs(matched: Sequence[tuple[dict, dict]], judge: Any, cache_path: 
     return annotations, unjudged
 
 
-def reward_model_scores(reward_dir: str, matched: Sequence[tuple[dict, dict]],
-                        vocabulary: str = "bytes", seq_len: int = 1024, batch_size: int = 16
-                        ) -> dict:
+def reward_model_scores(scorer: RewardScorer, matched: Sequence[tuple[dict, dict]], vocab,
+                        seq_len: int = 1024, batch_size: int = 16) -> dict:
     """The RM's normalised reward of both sides and its win rate for the model."""
-    from xwin_jax.checkpoints.params import load_params
-    from xwin_jax.train.reward import score_responses
-    from xwin_jax.train.rollout import load_reward_stats
-
-    cfg, params = load_params(reward_dir, to_host=True)
-    settings = dict(vocabulary=vocabulary, seq_len=seq_len, batch_size=batch_size,
-                    stats=load_reward_stats(reward_dir))
     instructions = [m["instruction"] for m, _ in matched]
     # Both sides in one call: one compilation of the scoring function.
-    rewards = score_responses(cfg, params, instructions * 2,
-                              [m["output"] for m, _ in matched]
-                              + [r["output"] for _, r in matched], **settings)
+    rewards = scorer.score_texts(instructions * 2, [m["output"] for m, _ in matched]
+                                 + [r["output"] for _, r in matched], vocab, seq_len=seq_len,
+                                 batch_size=batch_size)
     model_rewards, reference_rewards = np.split(rewards, 2)
     wins = np.where(model_rewards > reference_rewards, 1.0,
                     np.where(model_rewards < reference_rewards, 0.0, 0.5))
@@ -169,30 +173,60 @@ def _json_safe(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def _write_json(path: str, value: Any) -> None:
-    with open(path + ".partial", "w", encoding="utf-8") as f:
-        json.dump(value, f, ensure_ascii=False, indent=2)
-    os.replace(path + ".partial", path)
-
-
 def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, judge: Any, *,
                  name: str | None = None, seed: int = 0, concurrency: int = 8,
-                 reward_dir: str | None = None, vocabulary: str = "bytes",
-                 reward_seq_len: int = 1024, reward_batch_size: int = 32) -> dict:
-    """Judges MODEL_OUTPUTS against REFERENCE_OUTPUTS; writes annotations.json,
-    unjudged.jsonl, the leaderboard row and summary.json; returns the row (AlpacaEval's
-    columns, n_unjudged, judge, mean ratings, and the RM columns when reward_dir is set)."""
-    os.makedirs(output_dir, exist_ok=True)
+                 reward_dir: str | None = None, vocabulary: Any = None,
+                 reward_seq_len: int = 1024, reward_batch_size: int = 32,
+                 model: LlamaConfig | None = None,
+                 partitioner: Partitioner | None = None) -> dict:
+    """Judges MODEL_OUTPUTS against REFERENCE_OUTPUTS into OUTPUT_DIR, the 'evaluate' stage
+    (train/stage.py: its fingerprint is both files' contents, the judge, the row's name, the
+    seed and the reward model); writes annotations.json, unjudged.jsonl, leaderboard.csv and
+    summary.json. Returns the summary: the row (AlpacaEval's columns, n_unjudged, judge, mean
+    ratings, and the RM columns when reward_dir is set) and the files' paths. With
+    `reward_dir`, the outputs are also scored by that reward model, tokenized with the
+    vocabulary it records unless `vocabulary` says otherwise; `model` sets its numerics."""
     model_records = read_outputs(model_outputs)
     if not model_records:
         raise DataFormatError(f"{model_outputs}: no outputs to evaluate")
     matched = match_outputs(model_records, read_outputs(reference_outputs))
     name = name or model_records[0].get("generator") or "model"
-    annotations, unjudged = judge_outputs(matched, judge, os.path.join(output_dir, CACHE_FILE),
-                                          seed=seed, concurrency=concurrency)
-    annotations_path = os.path.join(output_dir, ANNOTATIONS_FILE)
-    unjudged_path = os.path.join(output_dir, UNJUDGED_FILE)
-    _write_json(annotations_path, annotations)
+    reward = None
+    if reward_dir:
+        checkpoint = open_checkpoint(reward_dir, model, what="REWARD_DIR")
+        reward = {"checkpoint": checkpoint, "stats": RewardStats.load(reward_dir),
+                  "vocabulary": resolve_vocabulary(vocabulary, checkpoint.vocabulary,
+                                                   checkpoint.config.vocab_size,
+                                                   checkpoint.path),
+                  "seq_len": reward_seq_len}
+    settings = {"model_outputs": fingerprint.file_identity(model_outputs),
+                "reference_outputs": fingerprint.file_identity(reference_outputs),
+                "judge": judge, "name": name, "seed": seed, "reward_model": reward}
+
+    def score() -> dict:  # loaded once the verdicts are in
+        scorer = RewardScorer.load(reward_dir, model, partitioner or Partitioner())
+        divisor = scorer.partitioner.batch_divisor  # the batch is sharded over (data, fsdp)
+        return reward_model_scores(scorer, matched, reward["vocabulary"], reward_seq_len,
+                                   -(-reward_batch_size // divisor) * divisor)
+
+    def body(stage_dir: str) -> dict:
+        annotations, unjudged = judge_outputs(matched, judge,
+                                              os.path.join(stage_dir, CACHE_FILE), seed=seed,
+                                              concurrency=concurrency)
+        return _report(stage_dir, name, matched, annotations, unjudged, judge,
+                       score if reward else None)
+
+    return run_stage(output_dir, "evaluate", settings, body)
+
+
+def _report(stage_dir: str, name: str, matched: Sequence[tuple[dict, dict]],
+            annotations: list[dict], unjudged: list[dict], judge: Any,
+            score: Callable[[], dict] | None) -> dict:
+    """The evaluate stage's files from its annotations (and `score`: the reward model's
+    columns); returns its summary."""
+    annotations_path = os.path.join(stage_dir, ANNOTATIONS_FILE)
+    unjudged_path = os.path.join(stage_dir, UNJUDGED_FILE)
+    write_json(annotations_path, annotations)
     write_unjudged(unjudged_path, unjudged)
     preferences = [a["preference"] for a in annotations]
     asked = [p for (m, r), p in zip(matched, preferences) if m["output"] != r["output"]]
@@ -210,21 +244,21 @@ def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, ju
         row["mean_rating_model"] = float(np.mean(ratings))
         row["mean_rating_reference"] = float(np.mean(
             [a["rating_reference"] for a in annotations if a["rating_reference"] is not None]))
-    if reward_dir:
-        row.update(reward_model_scores(reward_dir, matched, vocabulary, reward_seq_len,
-                                       reward_batch_size))
-    leaderboard_path = os.path.join(output_dir, LEADERBOARD_FILE)
+    if score:
+        row.update(score())
+    leaderboard_path = os.path.join(stage_dir, LEADERBOARD_FILE)
     update_leaderboard(leaderboard_path, name, row)
-    summary = {"generator": name, **{k: _json_safe(v) for k, v in row.items()},
-               "annotations_file": annotations_path, "leaderboard_file": leaderboard_path,
-               "unjudged_file": unjudged_path}
-    _write_json(os.path.join(output_dir, SUMMARY_FILE), summary)
     print(f"[evaluate] {name}: win rate {row['win_rate']:.1f} ± {row['standard_error']:.1f} "
           f"(LC {row['length_controlled_winrate']:.1f}) over {row['n_total']} instruction"
-          f"{'' if row['n_total'] == 1 else 's'} → {output_dir}")
-    if reward_dir:
+          f"{'' if row['n_total'] == 1 else 's'} → {stage_dir}")
+    if score:
         print(f"[evaluate] reward model: mean reward {row['rm_mean_reward']:.3f} (reference "
               f"{row['rm_mean_reward_reference']:.3f}), RM win rate {row['rm_win_rate']:.1f}")
     if row["n_unjudged"]:  # instructions, duplicates included (unjudged.jsonl: one a pair)
         print(unjudged_line("evaluate", row["n_unjudged"], "instruction", unjudged_path))
-    return row
+    summary = {"generator": name, **{k: _json_safe(v) for k, v in row.items()},
+               "annotations_file": annotations_path, "leaderboard_file": leaderboard_path,
+               "unjudged_file": unjudged_path}
+    if row["n_unjudged"]:  # the same command asks the judge again, for these only
+        summary["incomplete"] = f"{row['n_unjudged']} instructions unjudged"
+    return summary

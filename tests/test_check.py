@@ -46,7 +46,10 @@ def test_run_file_with_unset_required_macros_and_a_mesh_override():
 def test_no_partitioner_and_errors():
     quickstart = run_check("--gin_file=gin/experiments/quickstart.gin")
     assert quickstart.returncode == 0, quickstart.stderr
-    assert "binds no partitioning.Partitioner" in quickstart.stdout
+    assert mesh_sizes(quickstart.stdout) == (1, 1, 1, 1)  # mesh/single.gin: one device
+    convert = run_check("--gin_file=gin/runs/convert.gin")
+    assert convert.returncode == 0, convert.stderr
+    assert "binds no partitioning.Partitioner" in convert.stdout
 
     bad_mesh = run_check("--gin_file=gin/mesh/fsdp.gin", "--gin.MESH_SHAPE={'tensor': 3, "
                          "'fsdp': -1}")

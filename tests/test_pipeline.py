@@ -12,12 +12,13 @@ from xwin_jax.models.config import LlamaConfig, preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The quickstart with its budgets cut down: what the test suite can afford on 2 cores.
-REDUCED = ["pipeline.run.num_tokens = 3", "pipeline.run.max_new_tokens = 48",
-           "pipeline.run.sft_steps = 300", "pipeline.run.annotate_prompts = 384",
-           "pipeline.run.reward_steps = 60", "pipeline.run.rejection_prompts = 192",
-           "pipeline.run.rejection_steps = 60", "pipeline.run.ppo_iterations = 8",
-           "pipeline.run.ppo_batch_size = 32", "pipeline.run.dpo_steps = 40",
-           "pipeline.run.eval_prompts = 192"]
+REDUCED = ["pipeline.model_stage.num_tokens = 3", "MAX_NEW_TOKENS = 48",
+           "sft/sft.train_sft.train_steps = 300", "pipeline.data_stage.annotate_prompts = 384",
+           "reward/reward.train_reward.train_steps = 60",
+           "pipeline.data_stage.rejection_prompts = 192",
+           "rejection/rejection.train_rejection.train_steps = 60",
+           "ppo/ppo.train_ppo.train_steps = 8", "ppo/prompts_data.PromptsData.batch_size = 32",
+           "dpo/dpo.train_dpo.train_steps = 40", "pipeline.data_stage.eval_prompts = 192"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,11 @@ def test_report_model_stage_and_resume(quickstart, capsys):
     model = results["model"]
     assert model["round_trip_max_abs_logit_diff"] == 0.0 and len(model["greedy_token_ids"]) == 3
     assert all(0 <= t < preset("tiny").vocab_size for t in model["greedy_token_ids"])
-    assert os.path.exists(os.path.join(workdir, "config.gin"))
+    # Each stage's config sits in its own directory, with the values that stage used.
+    for stage in ("sft", "reward", "ppo", "eval/ppo"):
+        assert os.path.exists(os.path.join(workdir, stage, "config.gin")), stage
+    operative = open(os.path.join(workdir, "reward", "operative_config.gin")).read()
+    assert "reward/reward.train_reward" in operative
     assert 0.5 < results["reward"]["final_eval"]["accuracy"] <= 1.0
     capsys.readouterr()
     again = launch.run_gin_job(["experiments/quickstart.gin"], bindings)

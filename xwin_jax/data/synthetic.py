@@ -1,13 +1,14 @@
 """The offline default data: instructions with verifiable answers, imperfect SFT responses,
 and a rule judge — written in the file formats users bring, so the real code paths run.
 
-    write_suite("workdir/data", seed=0)   # sft_{train,valid}.jsonl (ShareGPT),
-                                          # pairs_{train,valid}.jsonl, prompts_{train,valid,test}.jsonl
+    write_suite("workdir/data", seed=0)   # sft_{train,valid}.jsonl (ShareGPT), pairs_{train,
+                                          # valid}.jsonl, prompts_{train,valid,test}.jsonl
     judge = RuleJudge(); judge.rate(prompt, response)  # → Rating(score 1..10, correct, reason)
 
 Every answer is stated as "The answer is X." Families: arithmetic, reversing, sorting,
-counting, case conversion, picking the largest, parity, first letter, last digit, repeating. The judge recomputes the answer from
-the prompt text alone, then scores correctness first and concision second.
+counting, case conversion, picking the largest, parity, first letter, last digit, repeating.
+The judge recomputes the answer from the prompt text alone, then scores correctness first and
+concision second.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Family:
     make: Callable[[np.random.Generator], str]  # a prompt
     pattern: re.Pattern
     solve: Callable[[re.Match], str]  # the answer, from the prompt alone
+
+
+SUITE_VERSION = 4  # bumped whenever write_suite writes something else for the same arguments
 
 
 def _words(rng, n):
@@ -271,7 +275,8 @@ def suite_file(name: str, out_dir: str, seed: int = 0, num_prompts: int = 3000,
                wrong_rate: float = 0.3, verbose_rate: float = 0.3) -> str:
     """The path of one suite file (e.g. 'sft_train'), writing the suite first if it is not
     there yet: what gin files bind data paths to for the offline default."""
-    marker = os.path.join(out_dir, f"suite-v4-{seed}-{num_prompts}-{wrong_rate}-{verbose_rate}.done")
+    marker = os.path.join(out_dir, f"suite-v{SUITE_VERSION}-{seed}-{num_prompts}-{wrong_rate}-"
+                                   f"{verbose_rate}.done")
 
     def write_once():
         if not os.path.exists(marker):

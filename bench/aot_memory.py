@@ -60,7 +60,7 @@ def parse_mesh(text: str) -> dict[str, int]:
         return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
     except ValueError as err:
         raise SystemExit(f"--mesh {text!r}: expected name=size pairs, e.g. fsdp=4,tensor=2 "
-                         f"({err})")
+                         f"({err})") from None
 
 
 def main(argv=None):

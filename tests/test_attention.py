@@ -17,7 +17,8 @@ def numpy_attention(q, k, v, segment_ids, causal):
                 allowed = [s for s in range(k.shape[1])
                            if (not causal or s <= t)
                            and (segment_ids is None or segment_ids[b, s] == segment_ids[b, t])]
-                logits = np.array([q[b, t, h] @ k[b, s, h // groups] for s in allowed]) / np.sqrt(dim)
+                logits = np.array([q[b, t, h] @ k[b, s, h // groups]
+                                   for s in allowed]) / np.sqrt(dim)
                 weights = np.exp(logits - logits.max())
                 weights /= weights.sum()
                 out[b, t, h] = sum(w * v[b, s, h // groups] for w, s in zip(weights, allowed))
@@ -32,10 +33,12 @@ def test_matches_numpy(implementation, kv_heads, packed):
     q = rng.normal(size=(2, 9, 4, 8)).astype(np.float32)
     k = rng.normal(size=(2, 9, kv_heads, 8)).astype(np.float32)
     v = rng.normal(size=(2, 9, kv_heads, 8)).astype(np.float32)
-    segment_ids = np.array([[1, 1, 1, 1, 2, 2, 2, 3, 3], [1, 1, 1, 1, 1, 1, 2, 2, 0]]) if packed else None
+    segment_ids = (np.array([[1, 1, 1, 1, 2, 2, 2, 3, 3], [1, 1, 1, 1, 1, 1, 2, 2, 0]])
+                   if packed else None)
     expected = numpy_attention(q, k, v, segment_ids, causal=True)
     got = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal=True,
-                                segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
+                                segment_ids=None if segment_ids is None
+                                else jnp.asarray(segment_ids),
                                 implementation=implementation)
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
 

@@ -36,7 +36,8 @@ def test_process_zero_runs_before_the_barrier_the_others_after(monkeypatch):
 def test_a_failure_on_process_zero_stops_every_host_with_a_message(monkeypatch):
     leader = FakeHosts(monkeypatch, index=0)
     with pytest.raises(OSError, match="disk full"):
-        hosts.leader_first("prepare tfds /data", lambda: (_ for _ in ()).throw(OSError("disk full")))
+        hosts.leader_first("prepare tfds /data",
+                           lambda: (_ for _ in ()).throw(OSError("disk full")))
     assert leader.broadcasts == [0]  # the others were told before it raised
 
     FakeHosts(monkeypatch, index=1, leader_sends=0)

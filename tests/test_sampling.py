@@ -83,7 +83,8 @@ def test_generation_stops_at_eos_and_at_stop_ids():
                             stop_ids=(2, stop))
     first_stop = int(np.argmax(free.tokens[0] == stop))
     assert out.finished[0] and out.lengths[0] == first_stop + 1
-    assert (out.tokens[0, first_stop + 1:] == 0).all() and (out.logprobs[0, first_stop + 1:] == 0).all()
+    assert (out.tokens[0, first_stop + 1:] == 0).all()
+    assert (out.logprobs[0, first_stop + 1:] == 0).all()
     np.testing.assert_array_equal(out.tokens[0, :first_stop + 1], free.tokens[0, :first_stop + 1])
     # With only that token as the stop set, as EOS alone would be.
     eos = sampling.generate(PARAMS, CFG, tokens[:1], mask[:1], jax.random.key(0),

@@ -120,7 +120,8 @@ class Partitioner:
             if shape is not None:
                 kept = []
                 for axis in axes:
-                    if shape[dim] % (math.prod(self.sizes[a] for a in kept) * self.sizes[axis]) == 0:
+                    together = math.prod(self.sizes[a] for a in kept) * self.sizes[axis]
+                    if shape[dim] % together == 0:
                         kept.append(axis)
                 axes = kept
             used.update(axes)

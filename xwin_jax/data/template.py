@@ -1,6 +1,7 @@
 """The Xwin-LM (Vicuna-style) chat template, tokenized with a loss mask.
 
-    A chat between ... questions. USER: Hi! ASSISTANT: Hello.</s>USER: Who are you? ASSISTANT: I am Xwin-LM.</s>
+    A chat between ... questions. USER: Hi! ASSISTANT: Hello.</s>USER: Who are you?
+    ASSISTANT: I am Xwin-LM.</s>         (one line in the text)
 
 The loss mask covers each assistant answer and its </s> and nothing else. A generation prompt
 ends with "ASSISTANT:" (no trailing space); the model's answer starts with a space. The system

@@ -98,9 +98,8 @@ class Checkpoint:
     def fingerprint(self) -> dict:
         """What the checkpoint is, by content: its architecture, a digest of its params and
         its vocabulary — not its path (a retrained checkpoint in the same place differs)."""
-        from xwin_jax.checkpoints import digest, params as params_io
-        content = (digest.checkpoint_digest(self.path, params_io.DIGEST_FILE,
-                                            params_io.PARAMS_DIR))
+        from xwin_jax.checkpoints.params import checkpoint_digest
+        content = checkpoint_digest(self.path)
         arch = {k: v for k, v in self.config.to_dict().items() if k not in RUNTIME_FIELDS}
         return {"kind": self.kind, "architecture": arch, "params": content,
                 "vocabulary": None if self.vocabulary is None else

@@ -98,8 +98,12 @@ class Partitioner:
         shape = tuple(self.sizes[k] for k in MESH_AXES)
         # Auto axes: GSPMD propagates shardings from the constraints we give it (the t5x /
         # MaxText model), rather than every op's sharding being explicit in its type.
-        self.mesh = jax.make_mesh(shape, MESH_AXES, devices=devices,
-                                  axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+        axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+        if self.devices is None:
+            self.mesh = jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
+        else:  # explicit devices: in exactly this order (decoding() relies on it)
+            self.mesh = jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                                          axis_types=axis_types)
         self._rules = {name: _as_tuple(axes) for name, axes in self.rules}
 
     # --- logical → physical -------------------------------------------------------------------
@@ -156,7 +160,35 @@ class Partitioner:
         """The global batch must be a multiple of this."""
         return self.sizes["data"] * self.sizes["fsdp"]
 
+    def decoding(self, tensor: int = 0) -> "Partitioner":
+        """The decode layout on the same devices: every weight split `tensor` ways along its
+        heads / MLP / vocab axis (tensor-parallel) and whole along embed, so a decode step
+        gathers no weights; the other devices (n / tensor) each hold a copy and split the
+        batch. tensor=0: this host's devices in the mesh, so tensor parallelism never
+        crosses hosts and each host decodes its own rows."""
+        devices = sorted(self.mesh.devices.flat, key=lambda d: (d.process_index, d.id))
+        tensor = tensor or sum(d.process_index == jax.process_index() for d in devices)
+        if len(devices) % tensor:
+            raise ConfigError(f"decode layout tensor={tensor} does not divide the "
+                              f"{len(devices)} devices")
+        return Partitioner({"data": len(devices) // tensor, "fsdp": 1, "tensor": tensor},
+                           self.rules, devices)
+
     # --- placing and compiling ----------------------------------------------------------------
+
+    def put_global_batch(self, global_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The whole global batch — the same numpy arrays on every host — → global arrays
+        sharded over (data, fsdp), each device taking its own rows (unlike shard_batch,
+        which takes each host's slice). For jobs where every host reads every prompt."""
+        out = {}
+        for key, value in global_batch.items():
+            value = np.asarray(value)
+            if value.shape[0] % self.batch_divisor:
+                raise ConfigError(f"batch field {key!r}: batch {value.shape[0]} is not "
+                                  f"divisible by data*fsdp = {self.batch_divisor}")
+            out[key] = jax.make_array_from_callback(value.shape, self.data_sharding(value.ndim),
+                                                    lambda index, v=value: v[index])
+        return out
 
     def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """Process-local numpy batch → global arrays sharded over (data, fsdp). Each host
@@ -214,6 +246,22 @@ class Partitioner:
         jitted = jax.jit(fn, donate_argnums=tuple(donate_argnums),
                          static_argnums=tuple(static_argnums), **kwargs)
         return PartitionedFunction(jitted, self.activation_context)
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+    """The whole of a global array on every host (gathered from the other hosts when this
+    one does not hold all of it)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sync_hosts(name: str) -> None:
+    """A barrier across hosts (nothing on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 class PartitionedFunction:

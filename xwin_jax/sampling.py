@@ -275,20 +275,29 @@ def generate(params: Any, cfg: LlamaConfig, prompt_tokens, prompt_mask, key: jax
     `key` is one PRNG key (row r samples with split(key, B)[r]) or a [B] array of keys, one
     per row, so a prompt's sample need not depend on its batch-mates (generate job, server).
     temperature, top_k and top_p are scalars or one value per row.
-    With a partitioner, the prompts are sharded over (data, fsdp) and the model's logical
-    constraints apply (heads over tensor); params should already carry their shardings."""
+    With a partitioner, the whole batch is given on every host (every host passes the same
+    arrays) and each device takes its rows over (data, fsdp); the model's logical constraints
+    apply (heads over tensor); params should already carry their shardings (on one host, a
+    decoding.Decoder's layout or the training one). Every host gets the whole result."""
     prompt_tokens, prompt_mask, row_keys, settings, static = _inputs(
         cfg, prompt_tokens, prompt_mask, key, temperature, top_k, top_p, stop_ids, pad_id)
     context = contextlib.nullcontext()
     if partitioner is not None:
-        batch = partitioner.shard_batch({"tokens": prompt_tokens, "mask": prompt_mask})
-        prompt_tokens, prompt_mask = batch["tokens"], batch["mask"]
+        from xwin_jax.partitioning import host_value
+        placed = partitioner.put_global_batch({
+            "tokens": prompt_tokens, "mask": prompt_mask,
+            "keys": np.asarray(jax.random.key_data(row_keys)), **settings._asdict()})
+        prompt_tokens, prompt_mask = placed["tokens"], placed["mask"]
+        row_keys = jax.random.wrap_key_data(placed["keys"])
+        settings = Settings(*(placed[name] for name in Settings._fields))
         context = partitioner.activation_context()
+    else:
+        host_value = np.asarray
     with context:
         tokens, logprobs, lengths, finished = _generate(
             params, prompt_tokens, prompt_mask, row_keys, settings,
             max_new_tokens=int(max_new_tokens), **static)
-    return Generation(*(np.asarray(x) for x in (tokens, logprobs, lengths, finished)))
+    return Generation(*(host_value(x) for x in (tokens, logprobs, lengths, finished)))
 
 
 # Settings that select each mode, for compiling a mode's programs ahead of real requests.

@@ -23,6 +23,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from xwin_jax.errors import ConfigError
@@ -62,6 +63,27 @@ def put_global(host_array, sharding):
     host_array = np.asarray(host_array)
     return jax.make_array_from_callback(host_array.shape, sharding,
                                         lambda index: host_array[index])
+
+
+def compute_weights(params: Any, dtype: Any, shardings: Any = None) -> Any:
+    """Params with every floating weight matrix (kernels, embeddings) cast to the compute
+    dtype; norm scales (`scale`, stacked per layer or not) keep theirs, since the model
+    reads them in fp32. With `shardings` (inside jit), each cast copy is held in its
+    weight's sharding, so the cast happens on the shard and what an FSDP all-gather then
+    moves is the compute dtype, not the fp32 master weights."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(path, x, sharding=None):
+        name = getattr(path[-1], "key", None) if path else None
+        if name == "scale" or x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating) \
+                or x.dtype == dtype:
+            return x
+        x = x.astype(dtype)
+        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+    if shardings is None:
+        return jax.tree_util.tree_map_with_path(cast, params)
+    return jax.tree_util.tree_map_with_path(cast, params, shardings)
 
 
 def place(params: Any, shardings: Any) -> Any:

@@ -94,6 +94,16 @@ def prompt_ids(prompt: Conversation, vocab, max_len: int, system: str | None = N
     return ids
 
 
+BUCKET_MULTIPLE = 64
+
+
+def bucket_width(length: int, multiple: int = BUCKET_MULTIPLE, limit: int | None = None) -> int:
+    """The padded width of a length bucket: `length` rounded up to a multiple (so few shapes
+    compile), at most `limit`."""
+    width = -(-max(length, 1) // multiple) * multiple
+    return width if limit is None else min(width, limit)
+
+
 def left_padded_batch(rows: Sequence[Sequence[int]], width: int, pad_id: int
                       ) -> dict[str, np.ndarray]:
     """tokens [B, width] left-padded, mask (1 on real tokens), positions (0.. from the first

@@ -31,6 +31,7 @@ import jax
 from xwin_jax import fingerprint as fingerprints
 from xwin_jax import jobs
 from xwin_jax.errors import ConfigError
+from xwin_jax.partitioning import sync_hosts
 
 EXPORT_DIR = "final"
 SUMMARY_FILE = "summary.json"
@@ -66,17 +67,11 @@ def write_summary(stage_dir: str, summary: dict) -> str:
     return write_json(os.path.join(stage_dir, SUMMARY_FILE), summary)
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
 def _clear(stage_dir: str, name: str) -> None:
     if jax.process_index() == 0:
         shutil.rmtree(stage_dir)
         os.makedirs(stage_dir)
-    _sync(f"clear {name}")
+    sync_hosts(f"clear {name}")
 
 
 def _prepare(stage_dir: str, name: str, tree: Any, overwrite: bool) -> bool:
@@ -135,6 +130,7 @@ def run_stage(stage_dir: str, name: str, settings: dict, body: Callable[[str], d
     write_json(os.path.join(stage_dir, FINGERPRINT_FILE),
                {"job": name, "digest": fingerprints.digest(tree), "fingerprint": tree})
     jobs.write_config(stage_dir, finished=False)
+    sync_hosts(f"{name} started")  # every host has read the directory before anyone writes
     started = time.perf_counter()
     summary = dict(body(stage_dir))
     summary.setdefault("stage", name)
@@ -142,6 +138,7 @@ def run_stage(stage_dir: str, name: str, settings: dict, body: Callable[[str], d
     summary["fingerprint"] = fingerprints.digest(tree)
     jobs.write_config(stage_dir, finished=True)
     path = write_summary(stage_dir, summary)
+    sync_hosts(f"{name} finished")  # what host 0 wrote is there before any host reads it
     if jax.process_index() == 0:
         print(f"[{name}] done in {summary['wall_time_s']} s → {path}")
     return summary

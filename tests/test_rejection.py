@@ -30,6 +30,21 @@ def test_best_index_skips_unfinished_and_applies_the_threshold():
     assert rejection.best_index(scores, np.array([False, False, False]), None) is None
 
 
+def test_an_empty_answer_is_never_the_winner(tmp_path):
+    """EOS at once is a finished, empty answer: no SFT example (SftData refuses it)."""
+    formats.write_jsonl(str(tmp_path / rejection.SAMPLES_FILE), [
+        {"index": 0, "prompt": "Hi.", "responses": ["", "hello", "hey"],
+         "scores": [3.0, 1.0, 2.0], "finished": [True, True, False], "num_tokens": [1, 6, 8]},
+        {"index": 1, "prompt": "Yo.", "responses": ["", " "], "scores": [1.0, 2.0],
+         "finished": [True, True], "num_tokens": [1, 2]}])
+    formats.write_jsonl(str(tmp_path / "prompts.jsonl"), [{"prompt": "Hi."}, {"prompt": "Yo."}])
+    prompts = formats.read_prompts(str(tmp_path / "prompts.jsonl")).records
+    selection = rejection.select_best(str(tmp_path), prompts, None)
+    assert (selection["kept"], selection["mean_best_score"]) == (1, 1.0)
+    [winner] = records(tmp_path / rejection.BEST_FILE)
+    assert winner["conversations"][-1]["value"] == "hello"
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rejection")
@@ -138,3 +153,61 @@ def test_a_sample_batch_that_does_not_divide_over_the_mesh_is_refused(inputs, tm
     with pytest.raises(ValueError, match="sample_batch_size=3 does not divide over the 2"):
         train(inputs, tmp_path, sample_batch_size=3)
     assert not os.listdir(tmp_path)
+
+
+def test_length_buckets_sample_what_full_width_rows_sample_and_resume_exactly(inputs, tmp_path):
+    """Mixed-length prompts: each batch padded to its own bucket (64, 128, 192 wide) samples
+    and scores what each row gets alone at max_prompt_len; the file is in length order, read
+    back by index; a run killed after two records reruns only the batches still missing a
+    prompt and ends with the same file, byte for byte."""
+    from xwin_jax import sampling
+    from xwin_jax.data import converters
+    from xwin_jax.models.spec import compute_weights
+    from xwin_jax.rewards import RewardScorer
+    from xwin_jax.train import rollout
+    from xwin_jax.train.sharded import Start
+
+    texts = ["b" * 170, "Hi.", "a" * 80, "Yo!"]  # sorted by length: 1, 3, 2, 0
+    formats.write_jsonl(str(tmp_path / "mixed.jsonl"), [{"prompt": t} for t in texts])
+    prompts = formats.read_prompts(str(tmp_path / "mixed.jsonl")).records
+    policy = Start.policy(CFG, str(inputs / "policy"))
+    partitioner = Partitioner({"data": 1, "fsdp": 2, "tensor": 1})
+    settings = dict(partitioner=partitioner, num_samples=3, batch_size=4, max_new_tokens=8,
+                    temperature=0.7, top_k=0, top_p=1.0, max_prompt_len=256, system="",
+                    seed=0)
+    ids = [converters.prompt_ids(p.conversation, policy.vocabulary, 256, "") for p in prompts]
+    # 12 rows in 3 batches, prompts straddling them, three widths.
+    assert [w for _, w in rejection.sample_batches(ids, 3, 4, 256)] == [64, 128, 192]
+
+    stage = tmp_path / "bucketed"
+    stage.mkdir()
+    summary = rejection.sample_prompts(str(stage), prompts, policy, str(inputs / "rm"), CFG,
+                                       **settings)
+    assert summary["prompts"] == 4
+    path = stage / rejection.SAMPLES_FILE
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["index"] for line in lines] == [1, 3, 2, 0]
+
+    # Reference: every (prompt, sample) row alone in one unbucketed batch at full width.
+    vocab = policy.vocabulary
+    rows = [(i, j) for i in range(4) for j in range(3)]
+    batch = converters.left_padded_batch([ids[i] for i, _ in rows], 256, vocab.pad_id)
+    weights = compute_weights(load_params(str(inputs / "policy"))[1], CFG.dtype)
+    generation = sampling.generate(weights, CFG, batch["tokens"], batch["mask"],
+                                   rejection.sample_keys(0, rows), max_new_tokens=8,
+                                   temperature=0.7, stop_ids=(vocab.eos_id,),
+                                   pad_id=vocab.pad_id)
+    assembled = rollout.assemble(batch["tokens"], batch["mask"], generation)
+    scores = RewardScorer.load(str(inputs / "rm"), CFG, partitioner).score_tokens(
+        assembled["tokens"], assembled["mask"])
+    done = {r["index"]: r for r in map(json.loads, lines)}
+    for k, (i, j) in enumerate(rows):
+        assert done[i]["responses"][j] == generation.texts(vocab)[k], (i, j)
+        assert done[i]["finished"][j] == bool(generation.finished[k])
+        assert done[i]["num_tokens"][j] == int(generation.lengths[k])
+        assert done[i]["scores"][j] == pytest.approx(float(scores[k]), abs=1e-5)
+
+    # Killed after two records and half of the third: the rerun ends with the same bytes.
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])
+    rejection.sample_prompts(str(stage), prompts, policy, str(inputs / "rm"), CFG, **settings)
+    assert path.read_text().splitlines() == lines

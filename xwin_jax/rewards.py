@@ -2,6 +2,7 @@
 
     scorer = RewardScorer.load(reward_dir, model, partitioner)
     scorer.score_tokens(tokens, mask)            # [B] normalised, rows of prompt + response
+                                                 # (the whole batch, given on every host)
     scorer.score_texts(prompts, responses, ...)  # tokenized like the training pairs
     scorer.apply(params, tokens, mask)           # inside a jitted function (PPO's scoring)
 
@@ -26,7 +27,7 @@ from xwin_jax.errors import ConfigError
 from xwin_jax.models import heads
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.spec import SCORE, Checkpoint, open_checkpoint
-from xwin_jax.partitioning import Partitioner
+from xwin_jax.partitioning import Partitioner, host_value
 
 STATS_FILE = "reward_stats.json"
 
@@ -127,17 +128,22 @@ class RewardScorer:
         return self._score
 
     def score_tokens(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Normalised scores [B] of host rows (prompt + response, mask 1 on real tokens)."""
-        sharded = self.partitioner.shard_batch({"tokens": tokens, "mask": mask})
-        return np.asarray(jax.device_get(self._jitted()(self.params, sharded["tokens"],
-                                                        sharded["mask"])))
+        """Normalised scores [B] of a whole batch (prompt + response, mask 1 on real tokens)
+        given identically on every host, as every host reads every prompt and output
+        (rejection sampling, evaluation); every host gets every score. B must be a multiple
+        of the partitioner's batch_divisor (data x fsdp). Each width compiles once."""
+        placed = self.partitioner.put_global_batch({"tokens": tokens, "mask": mask})
+        return host_value(self._jitted()(self.params, placed["tokens"], placed["mask"]))
 
     def score_texts(self, prompts: Sequence[str | formats.Conversation],
                     responses: Sequence[str], vocab, *, seq_len: int = 1024,
                     batch_size: int = 16, system: str | None = None) -> np.ndarray:
         """Normalised scores [N] of (prompt, response) pairs tokenized as in the training
         pairs (the conversation, the response, </s>), in fixed [batch_size, seq_len] batches
-        so any N compiles once."""
+        so any N compiles once (batch_size rounded up to a multiple of the batch divisor).
+        Every host passes every pair and gets every score."""
+        divisor = self.partitioner.batch_divisor
+        batch_size = -(-batch_size // divisor) * divisor
         conversations = [p if isinstance(p, formats.Conversation) else
                          formats.Conversation((formats.Message(formats.USER, p),))
                          for p in prompts]

@@ -24,6 +24,11 @@ finished stage and asks the judge again, for those pairs only. What the judge wr
 reply excerpts) passes through `redaction.redact_text` before it is stored, so a reply that
 echoes a credential does not put it in a file. A judge that is unreachable or refuses stops
 the job with a JudgeError that says how many pairs are cached; the same command resumes.
+
+On N hosts (`--multihost`) every host samples (the generate stages are multi-host), and the
+judging happens once, on host 0: it alone calls the judge and writes the cache, pairs.jsonl
+and unjudged.jsonl, then OUTPUT_DIR/host0_result.json (its summary, or its error); the other
+hosts wait for it (`on_host_zero`) and return that summary (or raise that error).
 """
 
 from __future__ import annotations
@@ -33,26 +38,60 @@ import json
 import os
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
+import jax
 from tqdm import tqdm
 
 from xwin_jax import fingerprint, jobs
 from xwin_jax.annotate.judge import JUDGE_PROMPT_VERSION, JudgeError, UnusableReply, \
     render_prompt
 from xwin_jax.data import formats
-from xwin_jax.errors import ConfigError
+from xwin_jax.decoding import DecodeLayout
+from xwin_jax.errors import ConfigError, UserError
 from xwin_jax.generate import generate_job, load_outputs
 from xwin_jax.models.config import LlamaConfig
-from xwin_jax.partitioning import Partitioner
+from xwin_jax.partitioning import Partitioner, sync_hosts
 from xwin_jax.redaction import redact_text
 from xwin_jax.train.sharded import Start
-from xwin_jax.train.stage import run_stage
+from xwin_jax.train.stage import read_json, run_stage, write_json
 
 CACHE_FILE = "judge_cache.jsonl"
 PAIRS_FILE = "pairs.jsonl"
 UNJUDGED_FILE = "unjudged.jsonl"
+HOST_ZERO_FILE = "host0_result.json"  # on N hosts: what host 0's judging returned
 EXCERPT_CHARS = 300
+
+
+def on_host_zero(path: str, fn: Callable[[], Any]) -> Any:
+    """fn(), run once for all hosts: what must happen once (judge calls, their cache, the
+    files they write). On one host, just fn(). On N hosts host 0 runs it and writes what it
+    returned (JSON) — or the error it raised — to `path`; every host waits for that
+    (sync_hosts), then returns the value read back from `path`, or raises the error (a
+    JudgeError or UserError stays one, so launch prints it the same on every host)."""
+    if jax.process_count() == 1:
+        return fn()
+    barrier = f"on host 0: {os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}"
+    if jax.process_index() == 0:
+        try:
+            outcome = {"result": fn()}
+        except Exception as err:
+            write_json(path, {"error": type(err).__name__, "message": str(err),
+                              "hint": getattr(err, "hint", None),
+                              "user_error": isinstance(err, UserError)})
+            sync_hosts(barrier)  # the other hosts raise it too
+            raise
+        write_json(path, outcome)
+    sync_hosts(barrier)
+    outcome = read_json(path)
+    if "error" in outcome:
+        message = f"on host 0: {outcome['message']}"
+        if outcome["error"] == JudgeError.__name__:
+            raise JudgeError(message, hint=outcome["hint"])
+        if outcome["user_error"]:
+            raise UserError(message, hint=outcome["hint"])
+        raise RuntimeError(f"{message} ({outcome['error']}; see host 0's log)")
+    return outcome["result"]
 
 
 class JudgedPairs(NamedTuple):
@@ -158,8 +197,10 @@ def judge_pairs(items: Sequence[tuple[str, str, str]], judge: Any, cache_path: s
 
 
 def write_unjudged(path: str, records: Sequence[dict]) -> None:
-    """OUTPUT_DIR/unjudged.jsonl, rewritten (an empty file when every pair was judged)."""
-    formats.write_jsonl(path, list(records))
+    """OUTPUT_DIR/unjudged.jsonl, rewritten (an empty file when every pair was judged), by
+    host 0."""
+    if jax.process_index() == 0:
+        formats.write_jsonl(path, list(records))
 
 
 def unjudged_line(job: str, count: int, what: str, path: str) -> str:
@@ -194,7 +235,8 @@ def annotate_responses(prompts: Sequence[formats.Prompt], responses: Sequence[Se
                        usd_per_1k_completion_tokens: float = 0.06) -> dict:
     """Judges the pairs of `responses` (see pair_items) and writes OUTPUT_DIR/pairs.jsonl
     (prompt, chosen, rejected, ratings; ties and unjudged pairs left out) and unjudged.jsonl;
-    returns the summary (what the annotate stage records in summary.json)."""
+    returns the summary (what the annotate stage records in summary.json). It calls the
+    judge and writes files: on N hosts, call it on host 0 only (annotate_job: on_host_zero)."""
     os.makedirs(output_dir, exist_ok=True)
     items, owners = pair_items(prompts, responses)
     judged = judge_pairs(items, judge, os.path.join(output_dir, CACHE_FILE), concurrency)
@@ -240,13 +282,15 @@ def annotate_job(prompts_path: str, output_dir: str, model: LlamaConfig, judge: 
                  system: str | None = None, batch_size: int = 16, concurrency: int = 8,
                  seed: int = 0, dry_run: bool = False, usd_per_1k_prompt_tokens: float = 0.03,
                  usd_per_1k_completion_tokens: float = 0.06,
-                 partitioner: Partitioner | None = None) -> dict:
+                 partitioner: Partitioner | None = None,
+                 decode_layout: DecodeLayout | None = None) -> dict:
     """The Xwin-Pair job: samples `num_responses` answers per prompt from the policy in
-    `ckpt_dir` (a generate stage each, OUTPUT_DIR/responses_k, seed + k), then
-    `annotate_responses`. OUTPUT_DIR is the 'annotate' stage (train/stage.py): its
-    fingerprint is the prompts' contents, the policy checkpoint, the vocabulary (None: the
-    checkpoint's), the judge, the sampling settings and the seed. `dry_run`: sample, print one
-    rendered judge prompt and stop, paying nothing and finishing nothing."""
+    `ckpt_dir` (a generate stage each, OUTPUT_DIR/responses_k, seed + k, the policy in
+    `decode_layout`), then `annotate_responses` (on host 0). OUTPUT_DIR is the 'annotate'
+    stage (train/stage.py): its fingerprint is the prompts' contents, the policy checkpoint,
+    the vocabulary (None: the checkpoint's), the judge, the sampling settings and the seed.
+    `dry_run`: sample, print one rendered judge prompt and stop, paying nothing and finishing
+    nothing."""
     if num_responses < 2:
         raise ConfigError(f"num_responses={num_responses}: a pair needs at least 2")
     prompts = formats.read_prompts(prompts_path).records
@@ -262,21 +306,26 @@ def annotate_job(prompts_path: str, output_dir: str, model: LlamaConfig, judge: 
             generate_job(prompts_path, directory, model, ckpt_dir=ckpt_dir,
                          vocabulary=policy.vocabulary, generator=f"policy_sample_{k}",
                          batch_size=batch_size, seed=seed + k, partitioner=partitioner,
-                         **sampling_settings)
+                         decode_layout=decode_layout, **sampling_settings)
             responses.append([r["output"] for r in load_outputs(directory)])
         return responses
 
     if dry_run:
         jobs.write_config(output_dir, finished=False)
         items, _ = pair_items(prompts, sample(output_dir))
-        if items:
+        if items and jax.process_index() == 0:
             print(render_prompt(*items[0]))
         return {"pairs_to_judge": len(items), "dry_run": True}
     settings = {"prompts": fingerprint.file_identity(prompts_path),
                 "checkpoint": policy.checkpoint, "model": policy.config,
                 "vocabulary": policy.vocabulary, "judge": judge,
                 "num_responses": num_responses, **sampling_settings, "seed": seed}
-    return run_stage(output_dir, "annotate", settings, lambda stage_dir: annotate_responses(
-        prompts, sample(stage_dir), stage_dir, judge, concurrency=concurrency,
-        usd_per_1k_prompt_tokens=usd_per_1k_prompt_tokens,
-        usd_per_1k_completion_tokens=usd_per_1k_completion_tokens))
+
+    def body(stage_dir: str) -> dict:
+        responses = sample(stage_dir)  # on every host
+        return on_host_zero(os.path.join(stage_dir, HOST_ZERO_FILE), lambda: annotate_responses(
+            prompts, responses, stage_dir, judge, concurrency=concurrency,
+            usd_per_1k_prompt_tokens=usd_per_1k_prompt_tokens,
+            usd_per_1k_completion_tokens=usd_per_1k_completion_tokens))
+
+    return run_stage(output_dir, "annotate", settings, body)

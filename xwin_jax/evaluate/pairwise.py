@@ -37,6 +37,11 @@ could be judged, the job stops with a UserError (after writing annotations.json 
 unjudged.jsonl). With a reward model (`reward_dir`: rewards.RewardScorer, the outputs
 tokenized with the vocabulary it records), also the mean normalised reward of both sides and
 the RM's win rate.
+
+On N hosts (`--multihost`) the judging happens once, on host 0 (it alone calls the judge and
+appends to the cache; annotate/pairs.py: on_host_zero, via OUTPUT_DIR/host0_result.json);
+every host then builds the same row from those annotations, every host takes part in the
+reward model's scoring (each gives the whole batch), and host 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -47,11 +52,12 @@ import math
 import os
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from xwin_jax import fingerprint
-from xwin_jax.annotate.pairs import UNJUDGED_FILE, excerpt, judge_pairs, \
-    unjudged_line, write_unjudged
+from xwin_jax.annotate.pairs import HOST_ZERO_FILE, UNJUDGED_FILE, excerpt, judge_pairs, \
+    on_host_zero, unjudged_line, write_unjudged
 from xwin_jax.data import formats
 from xwin_jax.data.formats import DataFormatError
 from xwin_jax.data.vocabulary import resolve_vocabulary
@@ -153,7 +159,10 @@ def reward_model_scores(scorer: RewardScorer, matched: Sequence[tuple[dict, dict
 
 def update_leaderboard(path: str, name: str, row: dict) -> None:
     """Adds (or replaces) one generator's row of the leaderboard CSV: AlpacaEval's columns,
-    then EXTRA_COLUMNS (empty where a row has no value, e.g. no reward model)."""
+    then EXTRA_COLUMNS (empty where a row has no value, e.g. no reward model). Host 0
+    writes it."""
+    if jax.process_index() != 0:
+        return
     columns = ["", *LEADERBOARD_COLUMNS, *EXTRA_COLUMNS]
     rows = {}
     if os.path.exists(path):
@@ -210,9 +219,11 @@ def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, ju
                                    -(-reward_batch_size // divisor) * divisor)
 
     def body(stage_dir: str) -> dict:
-        annotations, unjudged = judge_outputs(matched, judge,
-                                              os.path.join(stage_dir, CACHE_FILE), seed=seed,
-                                              concurrency=concurrency)
+        # The judge is asked once (host 0 on N hosts); the scoring in _report runs everywhere.
+        annotations, unjudged = on_host_zero(
+            os.path.join(stage_dir, HOST_ZERO_FILE),
+            lambda: judge_outputs(matched, judge, os.path.join(stage_dir, CACHE_FILE),
+                                  seed=seed, concurrency=concurrency))
         return _report(stage_dir, name, matched, annotations, unjudged, judge,
                        score if reward else None)
 
@@ -223,7 +234,8 @@ def _report(stage_dir: str, name: str, matched: Sequence[tuple[dict, dict]],
             annotations: list[dict], unjudged: list[dict], judge: Any,
             score: Callable[[], dict] | None) -> dict:
     """The evaluate stage's files from its annotations (and `score`: the reward model's
-    columns); returns its summary."""
+    columns); returns its summary. Run on every host (the scoring is collective); host 0
+    writes and prints."""
     annotations_path = os.path.join(stage_dir, ANNOTATIONS_FILE)
     unjudged_path = os.path.join(stage_dir, UNJUDGED_FILE)
     write_json(annotations_path, annotations)
@@ -248,17 +260,23 @@ def _report(stage_dir: str, name: str, matched: Sequence[tuple[dict, dict]],
         row.update(score())
     leaderboard_path = os.path.join(stage_dir, LEADERBOARD_FILE)
     update_leaderboard(leaderboard_path, name, row)
-    print(f"[evaluate] {name}: win rate {row['win_rate']:.1f} ± {row['standard_error']:.1f} "
-          f"(LC {row['length_controlled_winrate']:.1f}) over {row['n_total']} instruction"
-          f"{'' if row['n_total'] == 1 else 's'} → {stage_dir}")
-    if score:
-        print(f"[evaluate] reward model: mean reward {row['rm_mean_reward']:.3f} (reference "
-              f"{row['rm_mean_reward_reference']:.3f}), RM win rate {row['rm_win_rate']:.1f}")
-    if row["n_unjudged"]:  # instructions, duplicates included (unjudged.jsonl: one a pair)
-        print(unjudged_line("evaluate", row["n_unjudged"], "instruction", unjudged_path))
+    if jax.process_index() == 0:
+        _print_row(name, row, stage_dir, unjudged_path, bool(score))
     summary = {"generator": name, **{k: _json_safe(v) for k, v in row.items()},
                "annotations_file": annotations_path, "leaderboard_file": leaderboard_path,
                "unjudged_file": unjudged_path}
     if row["n_unjudged"]:  # the same command asks the judge again, for these only
         summary["incomplete"] = f"{row['n_unjudged']} instructions unjudged"
     return summary
+
+
+def _print_row(name: str, row: dict, stage_dir: str, unjudged_path: str, scored: bool
+               ) -> None:
+    print(f"[evaluate] {name}: win rate {row['win_rate']:.1f} ± {row['standard_error']:.1f} "
+          f"(LC {row['length_controlled_winrate']:.1f}) over {row['n_total']} instruction"
+          f"{'' if row['n_total'] == 1 else 's'} → {stage_dir}")
+    if scored:
+        print(f"[evaluate] reward model: mean reward {row['rm_mean_reward']:.3f} (reference "
+              f"{row['rm_mean_reward_reference']:.3f}), RM win rate {row['rm_win_rate']:.1f}")
+    if row["n_unjudged"]:  # instructions, duplicates included (unjudged.jsonl: one a pair)
+        print(unjudged_line("evaluate", row["n_unjudged"], "instruction", unjudged_path))

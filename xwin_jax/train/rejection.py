@@ -7,34 +7,57 @@ Two stages (stage.run_stage), so that changing only the fine-tune keeps the expe
     WORKDIR/<samples_stage>/        (default xwin_set) the samples, a stage of its own: its
       samples.jsonl                 fingerprint is the prompts file, the policy and reward
                                     models, n and the sampling settings; every prompt's n
-                                    responses and normalised scores, appended per prompt
-                                    group (a killed run resumes there)
+                                    responses and normalised scores, appended as the
+                                    batches finish (a killed run resumes there)
       best_of_n.jsonl               the winners under this run's threshold, ShareGPT (what
                                     SftData reads), chosen anew from samples.jsonl every run
     WORKDIR/<stage>/                (default rejection) the fine-tune on the winners; its
       final/                        fingerprint holds the samples' and the threshold
 
-Responses that never emit EOS are never chosen. n may be as large as 64 (the Xwin-Set
-setting); rows are generated in fixed-shape batches, so one program serves every group, and
-each (prompt, sample) has its own PRNG key, so batching and resume do not change the samples.
+Responses that never emit EOS, or are empty, are never chosen. n may be as large as 64
+(the Xwin-Set setting).
+
+Batching (length buckets). The (prompt, sample) rows of the WHOLE prompt list — every prompt's
+n rows together, prompts sorted by (token length, index) — are cut into batches of
+sample_batch_size rows; each batch is left-padded to its own width (its longest prompt
+rounded up to a multiple of 64, at most max_prompt_len), so the KV cache and the reward
+model's input are sized by the bucket + max_new_tokens, not by max_prompt_len. The policy is
+resharded once into the decode layout (decoding.py, `decode_layout`); the reward model scores
+in the training layout. Each (prompt, sample) has its own PRNG key, so a sample does not
+depend on its batch-mates or its bucket.
+
+samples.jsonl holds one record per prompt (its n responses), appended when the batch holding
+its last row is done: the file is in length order, and is read back by `index`. The batches
+are cut from the whole prompt list, not from what is missing, so a killed run reruns exactly
+the batches that still hold a missing prompt (the same programs on the same rows: the same
+samples and scores) and appends only the missing records; the file it ends with is the one an
+uninterrupted run writes. (sample_batch_size is not in the fingerprint: a resume with another
+batch size regroups the rows, which leaves the texts as they were and may move a score in its
+last bits.)
+
+On N hosts (`--multihost`, as the generate job) every host reads every prompt and runs the
+same batches (the global batch is given on every host), every host gets every sample and
+score, and host 0 alone appends to samples.jsonl and writes best_of_n.jsonl; the fine-tune
+(sft.fit) gives each host its own rows.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from xwin_jax import fingerprint, sampling
+from xwin_jax import fingerprint
 from xwin_jax.data import converters, formats
 from xwin_jax.data.sft_data import SftData
+from xwin_jax.decoding import DecodeLayout, Decoder
 from xwin_jax.errors import ConfigError
 from xwin_jax.generate import read_done
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.spec import LM, check_context
-from xwin_jax.partitioning import Partitioner
+from xwin_jax.partitioning import Partitioner, sync_hosts
 from xwin_jax.rewards import RewardScorer, open_reward
 from xwin_jax.train import rollout
 from xwin_jax.train.sft import fit
@@ -56,79 +79,103 @@ def best_index(scores: np.ndarray, finished: np.ndarray, threshold: float | None
     return best
 
 
-def sample_and_score(params: Any, cfg: LlamaConfig, score_fn: Callable, ids: list[list[int]],
-                     keys: jax.Array, *, width: int, batch_size: int, vocab,
-                     **sampling_kwargs) -> list[dict]:
-    """One sample per row of `ids` (left-padded to `width`, in fixed batches of batch_size
-    rows) → [{"text", "score", "finished", "num_tokens"}] in row order. `score_fn(tokens,
-    mask)` scores host rows (RewardScorer.score_tokens)."""
-    results = []
-    for start in range(0, len(ids), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(ids))))
-        rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        batch = converters.left_padded_batch([ids[i] for i in rows], width, vocab.pad_id)
-        generation = sampling.generate(params, cfg, batch["tokens"], batch["mask"],
-                                       keys[np.asarray(rows)],
-                                       stop_ids=(vocab.eos_id,), pad_id=vocab.pad_id,
-                                       **sampling_kwargs)
-        assembled = rollout.assemble(batch["tokens"], batch["mask"], generation)
-        scores = np.asarray(score_fn(assembled["tokens"], assembled["mask"]))
-        texts = generation.texts(vocab)
-        for r in range(len(chunk)):
-            results.append({"text": texts[r], "score": float(scores[r]),
-                            "finished": bool(generation.finished[r]),
-                            "num_tokens": int(generation.lengths[r])})
-    return results
+def sample_keys(seed: int, rows: list[tuple[int, int]]) -> jax.Array:
+    """A PRNG key per (prompt index, sample index) row: fold_in(fold_in(key(seed), i), j)."""
+    root = jax.random.key(seed)
+    prompt, sample = (np.asarray(column, np.uint32) for column in zip(*rows))
+    return jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(root, i), j))(
+        prompt, sample)
+
+
+def sample_batches(ids: list[list[int]], num_samples: int, batch_size: int,
+                   max_prompt_len: int) -> list[tuple[list[tuple[int, int]], int]]:
+    """The (prompt, sample) rows of every prompt, prompts sorted by (length, index), cut into
+    batches of at most batch_size rows, each with its width: its longest prompt rounded up
+    to a multiple of 64, at most max_prompt_len (the length buckets)."""
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+    rows = [(i, j) for i in order for j in range(num_samples)]
+    batches = []
+    for first in range(0, len(rows), batch_size):
+        chunk = rows[first:first + batch_size]
+        batches.append((chunk, converters.bucket_width(max(len(ids[i]) for i, _ in chunk),
+                                                       limit=max_prompt_len)))
+    return batches
+
+
+def sample_and_score(decoder: Decoder, weights: Any, scorer: RewardScorer,
+                     ids: list[list[int]], rows: list[tuple[int, int]], *, width: int,
+                     batch_size: int, seed: int, vocab, **sampling_kwargs) -> list[dict]:
+    """One sample per (prompt, sample) row (prompt `ids[i]` left-padded to `width`, the
+    batch filled up to batch_size rows) → [{"text", "score", "finished", "num_tokens"}] in
+    row order. The whole batch is given on every host; every host gets every result."""
+    padded = rows + [rows[-1]] * (batch_size - len(rows))  # fixed batch shape
+    batch = converters.left_padded_batch([ids[i] for i, _ in padded], width, vocab.pad_id)
+    generation = decoder.generate(weights, batch["tokens"], batch["mask"],
+                                  sample_keys(seed, padded), stop_ids=(vocab.eos_id,),
+                                  pad_id=vocab.pad_id, **sampling_kwargs)
+    # Scored on the width used: the bucket + max_new_tokens.
+    assembled = rollout.assemble(batch["tokens"], batch["mask"], generation)
+    scores = scorer.score_tokens(assembled["tokens"], assembled["mask"])
+    texts = generation.texts(vocab)
+    return [{"text": texts[r], "score": float(scores[r]),
+             "finished": bool(generation.finished[r]),
+             "num_tokens": int(generation.lengths[r])} for r in range(len(rows))]
 
 
 def sample_prompts(stage_dir: str, prompts: list[formats.Prompt], policy: Start,
                    reward_dir: str, model: LlamaConfig, *, partitioner: Partitioner,
-                   num_samples: int, batch_size: int, max_new_tokens: int, temperature: float,
-                   top_k: int, top_p: float, max_prompt_len: int, system: str | None,
-                   seed: int) -> dict:
+                   decode_layout: DecodeLayout | None = None, num_samples: int,
+                   batch_size: int, max_new_tokens: int, temperature: float, top_k: int,
+                   top_p: float, max_prompt_len: int, system: str | None, seed: int) -> dict:
     """The samples stage's body: samples and scores every prompt not yet in
-    STAGE_DIR/samples.jsonl (n per prompt, keys by (prompt, sample)); returns statistics of
-    all of them."""
+    STAGE_DIR/samples.jsonl (n per prompt, keys by (prompt, sample), batches cut by length
+    from the whole prompt list: see the module docstring); returns statistics of all of
+    them. On N hosts every host runs every batch and host 0 alone appends."""
     from tqdm import tqdm
 
-    if jax.process_count() > 1:
-        raise ConfigError("rejection sampling runs on one host for now (one writer of "
-                          "samples.jsonl)", hint="run one process and shard over its local "
-                                                 "devices")
     vocab = policy.vocabulary
     samples_path = os.path.join(stage_dir, SAMPLES_FILE)
     done = read_done(samples_path)
-    pending = [i for i in range(len(prompts)) if i not in done]
-    # Both models placed once, sharded like training shards them (no per-batch re-upload).
-    params = frozen_params(policy.checkpoint, LM, partitioner)[0]
-    scorer = RewardScorer.load(reward_dir, model, partitioner)
-    ids = {i: converters.prompt_ids(prompts[i].conversation, vocab, max_prompt_len, system)
-           for i in pending}
-    group = max(1, batch_size // num_samples)
-    root = jax.random.key(seed)
-    bar = tqdm(total=len(prompts), initial=len(done), desc="best-of-n", dynamic_ncols=True)
-    with open(samples_path, "a", encoding="utf-8") as out:
-        for start in range(0, len(pending), group):
-            chunk = pending[start:start + group]
-            rows = [ids[i] for i in chunk for _ in range(num_samples)]
-            keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(root, i), j))(
-                np.repeat(np.asarray(chunk, np.uint32), num_samples),
-                np.tile(np.arange(num_samples, dtype=np.uint32), len(chunk)))
-            results = sample_and_score(
-                params, policy.config, scorer.score_tokens, rows, keys, width=max_prompt_len,
-                batch_size=batch_size, vocab=vocab, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_k=top_k, top_p=top_p, partitioner=partitioner)
-            for k, index in enumerate(chunk):
-                mine = results[k * num_samples:(k + 1) * num_samples]
-                out.write(formats.jsonl_line({
-                    "index": index, "prompt": prompts[index].text,
-                    "responses": [r["text"] for r in mine],
-                    "scores": [r["score"] for r in mine],
-                    "finished": [r["finished"] for r in mine],
-                    "num_tokens": [r["num_tokens"] for r in mine]}))
-            out.flush()
-            bar.update(len(chunk))
+    sync_hosts("rejection: samples read")  # before host 0 appends to them
+    ids = [converters.prompt_ids(p.conversation, vocab, max_prompt_len, system)
+           for p in prompts]
+    batches = [(rows, width) for rows, width in
+               sample_batches(ids, num_samples, batch_size, max_prompt_len)
+               if any(i not in done for i, _ in rows)]
+    decoder = Decoder.create(policy.config, partitioner, decode_layout)
+    if batches:
+        # The policy in the decode layout (one reshard, compute dtype), the reward model in
+        # the training layout: both placed once.
+        weights = decoder.weights(frozen_params(policy.checkpoint, LM, partitioner)[0])
+        scorer = RewardScorer.load(reward_dir, model, partitioner)
+    drawn: dict[int, dict[int, dict]] = {}  # a prompt's samples until all n are in
+    bar = tqdm(total=len(prompts), initial=len(done), desc="best-of-n", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
+    for rows, width in batches:
+        results = sample_and_score(
+            decoder, weights, scorer, ids, rows, width=width, batch_size=batch_size,
+            seed=seed, vocab=vocab, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p)
+        complete = []
+        for (index, sample), result in zip(rows, results):
+            if index in done:
+                continue  # a batch-mate of a missing prompt: drawn again, written already
+            drawn.setdefault(index, {})[sample] = result
+            if len(drawn[index]) == num_samples:
+                complete.append(index)
+        records = []
+        for index in complete:
+            mine = [r for _, r in sorted(drawn.pop(index).items())]
+            records.append({"index": index, "prompt": prompts[index].text,
+                            "responses": [r["text"] for r in mine],
+                            "scores": [r["score"] for r in mine],
+                            "finished": [r["finished"] for r in mine],
+                            "num_tokens": [r["num_tokens"] for r in mine]})
+        if records and jax.process_index() == 0:
+            formats.append_jsonl(samples_path, records)
+        bar.update(len(records))
     bar.close()
+    sync_hosts("rejection: samples written")  # before any host reads them back
     records = read_done(samples_path).values()
     finished = np.array([f for r in records for f in r["finished"]], bool)
     scores = np.array([s for r in records for s in r["scores"]], np.float64)
@@ -140,13 +187,17 @@ def sample_prompts(stage_dir: str, prompts: list[formats.Prompt], policy: Start,
 def select_best(samples_dir: str, prompts: list[formats.Prompt], threshold: float | None
                 ) -> dict:
     """Best-of-n from SAMPLES_DIR/samples.jsonl under `threshold` (normalised reward units),
-    written to SAMPLES_DIR/best_of_n.jsonl as ShareGPT; returns the selection statistics."""
+    written to SAMPLES_DIR/best_of_n.jsonl as ShareGPT (by host 0; every host returns once it
+    is there); returns the selection statistics."""
     samples_path = os.path.join(samples_dir, SAMPLES_FILE)
     done = read_done(samples_path)
     winners, best_scores, mean_scores = [], [], []
     for index in sorted(done):
         record = done[index]
-        best = best_index(np.array(record["scores"]), np.array(record["finished"]), threshold)
+        # An empty answer (EOS at once) is no SFT example (SftData refuses it): never chosen.
+        eligible = np.array([f and bool(r.strip()) for f, r in zip(record["finished"],
+                                                                    record["responses"])])
+        best = best_index(np.array(record["scores"]), eligible, threshold)
         if best is None:
             continue
         mean_scores.append(float(np.mean([s for s, f in zip(record["scores"],
@@ -161,11 +212,13 @@ def select_best(samples_dir: str, prompts: list[formats.Prompt], threshold: floa
                           f"threshold ({threshold}); lower it or raise max_new_tokens")
     if jax.process_index() == 0:
         formats.write_jsonl(os.path.join(samples_dir, BEST_FILE), winners)
+    sync_hosts("rejection: best of n written")  # every host's SftData reads it
     selection = {"prompts": len(done), "kept": len(winners), "threshold": threshold,
                  "mean_score": float(np.mean(mean_scores)),  # finished responses, kept prompts
                  "mean_best_score": float(np.mean(best_scores))}
-    print(f"[rejection] kept {len(winners)}/{len(done)} prompts; mean normalised score "
-          f"{selection['mean_score']:.3f} → best {selection['mean_best_score']:.3f}")
+    if jax.process_index() == 0:
+        print(f"[rejection] kept {len(winners)}/{len(done)} prompts; mean normalised score "
+              f"{selection['mean_score']:.3f} → best {selection['mean_best_score']:.3f}")
     return selection
 
 
@@ -181,12 +234,15 @@ def train_rejection(workdir: str, model: LlamaConfig, train_steps: int, prompts_
                     logits_chunk_size: int | None = None, checkpoint_every: int = 100,
                     keep_checkpoints: int = 3, async_checkpoints: bool = True,
                     vocabulary: Any = None, seed: int = 0,
-                    partitioner: Partitioner | None = None) -> dict:
+                    partitioner: Partitioner | None = None,
+                    decode_layout: DecodeLayout | None = None) -> dict:
     """Best-of-n samples of the first max_prompts prompts (None: all) into
     WORKDIR/<samples_stage>/, then SFT from policy_dir on the winners into WORKDIR/<stage>/
     (exported with the tokenizer to final/). Sampling and fine-tune run on `partitioner`
-    (default: every device); `vocabulary` overrides the one policy_dir records. `threshold`
-    is in normalised reward units (the RM's reward_stats.json)."""
+    (default: every device), the sampling's policy in `decode_layout` (decoding.DecodeLayout:
+    how its weights are split while decoding; like the mesh, not part of the fingerprint);
+    `vocabulary` overrides the one policy_dir records. `threshold` is in normalised reward
+    units (the RM's reward_stats.json)."""
     if num_samples < 1:
         raise ConfigError(f"num_samples={num_samples}: need at least 1")
     partitioner = partitioner or Partitioner()
@@ -194,6 +250,13 @@ def train_rejection(workdir: str, model: LlamaConfig, train_steps: int, prompts_
         raise ConfigError(f"sample_batch_size={sample_batch_size} does not divide over the "
                           f"{partitioner.batch_divisor} data shards (data x fsdp) of the mesh",
                           hint=f"use a multiple of {partitioner.batch_divisor}")
+    decoding = partitioner.decoding((decode_layout or DecodeLayout()).tensor)
+    if sample_batch_size % decoding.batch_divisor:
+        raise ConfigError(f"sample_batch_size={sample_batch_size} does not divide over the "
+                          f"{decoding.batch_divisor} copies of the policy in the decode layout "
+                          f"(tensor={decoding.sizes['tensor']})",
+                          hint=f"use a multiple of {decoding.batch_divisor}, or set "
+                               f"decoding.DecodeLayout.tensor")
     start = Start.policy(model, policy_dir, vocabulary)
     reward = open_reward(reward_dir, model, start.vocabulary)
     check_context(start.config, max_prompt_len + max_new_tokens,
@@ -208,9 +271,9 @@ def train_rejection(workdir: str, model: LlamaConfig, train_steps: int, prompts_
     samples_dir = os.path.join(workdir, samples_stage)
     samples = run_stage(samples_dir, samples_stage, sampling_settings, lambda d: sample_prompts(
         d, prompts, start, reward_dir, model, partitioner=partitioner,
-        num_samples=num_samples, batch_size=sample_batch_size, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_k=top_k, top_p=top_p, max_prompt_len=max_prompt_len,
-        system=system, seed=seed))
+        decode_layout=decode_layout, num_samples=num_samples, batch_size=sample_batch_size,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        max_prompt_len=max_prompt_len, system=system, seed=seed))
     # Chosen again on every run, so a changed threshold applies to the samples already drawn.
     selection = select_best(samples_dir, prompts, threshold)
     data = SftData([os.path.join(samples_dir, BEST_FILE)], seq_len=seq_len,

@@ -36,28 +36,59 @@ def sft_command(workdir, extra=()):
 
 
 def env_with_devices(count):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
-    return env
+    """The environment of a process that sees `count` CPU devices."""
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
+
+
+def start_processes(command, count=2):
+    """`command` (a launch command line) as the `count` processes of one jax.distributed job
+    on 127.0.0.1 (gloo collectives), one CPU device each; their output is piped."""
+    port = free_port()
+    return [subprocess.Popen(
+        [*command, "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+         f"--num_processes={count}", f"--process_id={i}"],
+        cwd=REPO, env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for i in range(count)]
+
+
+def outputs_of(workers, timeout=600):
+    """Each process's output, once it has exited."""
+    return [w.communicate(timeout=timeout)[0] for w in workers]
+
+
+def run_processes(command, count=2):
+    workers = start_processes(command, count)
+    return workers, outputs_of(workers)
+
+
+def run_one_process(command, devices=2):
+    """`command` as one process that sees `devices` CPU devices; its CompletedProcess."""
+    return subprocess.run(command, cwd=REPO, env=env_with_devices(devices),
+                          capture_output=True, text=True, timeout=600)
 
 
 def start_two_processes(workdir, extra=()):
-    port = free_port()
-    return [subprocess.Popen(
-        sft_command(workdir, ["--multihost", f"--coordinator_address=127.0.0.1:{port}",
-                              "--num_processes=2", f"--process_id={i}", *extra]),
-        cwd=REPO, env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True) for i in range(2)]
+    return start_processes(sft_command(workdir, extra))
 
 
 def run_two_processes(workdir, extra=()):
-    workers = start_two_processes(workdir, extra)
-    return workers, [w.communicate(timeout=600)[0] for w in workers]
+    return run_processes(sft_command(workdir, extra))
 
 
 def saved_steps(checkpoints):
     return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) \
         if checkpoints.exists() else []
+
+
+def sigterm_when(workers, ready, victim=1, timeout=300):
+    """Once ready() holds (or a process has exited, or after `timeout` s), SIGTERM to
+    workers[victim]; returns every process's output."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready() and all(w.poll() is None for w in workers):
+        time.sleep(0.02)
+    workers[victim].send_signal(signal.SIGTERM)
+    return outputs_of(workers)
 
 
 def test_two_processes_preempted_and_resumed_match_one_process(tmp_path):
@@ -66,12 +97,7 @@ def test_two_processes_preempted_and_resumed_match_one_process(tmp_path):
     reading both shards."""
     multi = tmp_path / "multi"
     workers = start_two_processes(multi)
-    deadline = time.time() + 300
-    while time.time() < deadline and not saved_steps(multi / "sft" / "checkpoints") \
-            and all(w.poll() is None for w in workers):
-        time.sleep(0.02)
-    workers[1].send_signal(signal.SIGTERM)
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    outputs = sigterm_when(workers, lambda: saved_steps(multi / "sft" / "checkpoints"))
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 143, output[-4000:]
     assert any("preempted: SIGTERM at step" in o for o in outputs), outputs[1][-3000:]
@@ -83,8 +109,7 @@ def test_two_processes_preempted_and_resumed_match_one_process(tmp_path):
         assert worker.returncode == 0, output[-4000:]
     assert f"resumed from step {stopped}" in outputs[0]
 
-    single = subprocess.run(sft_command(tmp_path / "single"), cwd=REPO, env=env_with_devices(2),
-                            capture_output=True, text=True, timeout=600)
+    single = run_one_process(sft_command(tmp_path / "single"))
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-4000:]
 
     _, multi_params = load_params(str(multi / "sft" / "final"))

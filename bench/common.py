@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 import jax
@@ -89,3 +90,115 @@ def peer_model(cfg: LlamaConfig):
                                             if k not in ("architectures", "torch_dtype")})
     hf_config._attn_implementation = "sdpa"
     return transformers.LlamaForCausalLM(hf_config).to("cuda" if on_gpu() else "cpu").train()
+
+
+# --- collectives in compiled HLO --------------------------------------------------------------
+
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([a-z][\w\-]*)\(")
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([^\]]*)\]")
+_CALLED = re.compile(r"\b(?:body|condition|calls|to_apply|true_computation|false_computation)"
+                     r"=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+
+
+def _top_level(type_text: str) -> list[str]:
+    """A tuple type's top-level elements ('(a, (b, c))' → ['a', '(b, c)']); else [type]."""
+    text = type_text.strip()
+    if not text.startswith("("):
+        return [text]
+    parts, depth, start = [], 0, 1
+    for i, ch in enumerate(text):
+        if ch in "({[":
+            depth += 1
+        elif ch in ")}]":
+            depth -= 1
+            if depth == 0:
+                parts.append(text[start:i])
+        elif ch == "," and depth == 1:
+            parts.append(text[start:i])
+            start = i + 1
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _shape_bytes(type_text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for dtype, dims in _SHAPE.findall(type_text):
+        if dtype not in DTYPE_BYTES:
+            continue
+        count = 1
+        for d in dims.replace("<=", "").split(","):
+            if d.strip():
+                count *= int(d)
+        out[dtype] = out.get(dtype, 0) + count * DTYPE_BYTES[dtype]
+    return out
+
+
+def collective_bytes(hlo_text: str, inside_loops: bool = False) -> dict[str, dict[str, int]]:
+    """Bytes of every collective in an HLO module's text (e.g. `compiled.as_text()`), by op
+    and dtype: {"all-gather": {"bf16": n, "f32": m}, "reduce-scatter": {...}, ...}; ops that
+    do not occur are absent.
+
+    Each instruction counts its *result* shape(s), elements x dtype size, per device: an
+    all-gather's gathered array, a reduce-scatter's shard, an all-reduce's whole array. Async
+    pairs count once: `all-gather-start` by its output half (its tuple also holds the
+    operands), `collective-permute-start` by its output, `all-reduce-start` by its result,
+    `*-done` not at all, and an `async-start` wrapper through the op in the computation it
+    calls. A while loop's body counts once, not once per iteration.
+
+    inside_loops: only the collectives of computations reachable from a `while` body
+    (scanned layers, micro-batches, logits chunks, decode loops)."""
+    computations: dict[str, list[tuple[str, str]]] = {}
+    calls: dict[str, set[str]] = {}
+    bodies: set[str] = set()
+    current = None
+    for line in hlo_text.splitlines():
+        if not line.strip() or line.lstrip().startswith("//"):
+            continue
+        if not line[0].isspace():  # a computation header ("%name (...) -> ... {", "ENTRY ...")
+            if line.rstrip().endswith("{"):
+                head = line[len("ENTRY "):] if line.startswith("ENTRY ") else line
+                current = head.split()[0].split("(")[0].lstrip("%")
+                computations.setdefault(current, [])
+                calls.setdefault(current, set())
+            continue
+        if current is None:
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        type_text, op = match.groups()
+        called = set(_CALLED.findall(line))
+        for branches in _BRANCHES.findall(line):
+            called.update(b.strip().lstrip("%") for b in branches.split(",") if b.strip())
+        calls[current].update(called)
+        if op == "while":
+            bodies.update(re.findall(r"\bbody=%?([\w.\-]+)", line))
+        computations[current].append((op, type_text))
+
+    names = set(computations)
+    if inside_loops:
+        names, todo = set(), list(bodies)
+        while todo:
+            name = todo.pop()
+            if name not in names:
+                names.add(name)
+                todo.extend(calls.get(name, ()))
+
+    totals: dict[str, dict[str, int]] = {}
+    for name in names:
+        for op, type_text in computations.get(name, ()):
+            base = op[:-len("-start")] if op.endswith("-start") else op
+            if base not in COLLECTIVES or op.endswith("-done"):
+                continue
+            parts = _top_level(type_text)
+            if op == "all-gather-start" and len(parts) > 1:
+                parts = parts[len(parts) // 2:]
+            elif op == "collective-permute-start" and len(parts) > 1:
+                parts = parts[1:2]
+            for dtype, n in _shape_bytes(" ".join(parts)).items():
+                by_dtype = totals.setdefault(base, {})
+                by_dtype[dtype] = by_dtype.get(dtype, 0) + n
+    return totals

@@ -42,7 +42,8 @@ def bench_ours(cfg, tokens, iters, warmup, logits_chunk):
     optimizer, schedule = train_state.OptimizerConfig(learning_rate=LEARNING_RATE).build(1000)
     setup = ShardedTraining.create("lm", cfg, partitioner, optimizer)
     step = setup.partition_step(sft.make_train_step(
-        sft.sft_loss_fn(cfg, chunk_size=logits_chunk), optimizer, schedule))
+        sft.sft_loss_fn(cfg, chunk_size=logits_chunk), optimizer, schedule,
+        compute_params=setup.compute_params))
     batch = partitioner.shard_batch(batch_of(tokens))
     holder = {"state": setup.init_state()}
 

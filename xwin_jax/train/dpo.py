@@ -166,8 +166,9 @@ def fit(stage_dir: str, start: Start, train_steps: int, train_data: Any, *,
 
     def compute_reference():
         reference_params = setup.initial_params(start.checkpoint)
-        logprob_fn = setup.partition_eval(lambda params, batch: pair_logprobs(cfg, params,
-                                                                              batch))
+        weights = setup.compute_params  # forward only: the same logits, half the gathers
+        logprob_fn = setup.partition_eval(
+            lambda params, batch: pair_logprobs(cfg, weights(params), batch))
         return reference_logprobs(lambda b: logprob_fn(reference_params, b), partitioner,
                                   train_data.arrays, train_data.batch_size)
 
@@ -176,7 +177,7 @@ def fit(stage_dir: str, start: Start, train_steps: int, train_data: Any, *,
     data = with_reference(train_data, cached_reference(stage_dir, record, compute_reference))
     step = setup.partition_step(make_train_step(
         dpo_loss_fn(cfg, beta, loss_type, label_smoothing, sft_weight), tx, schedule,
-        input_tokens=pair_input_tokens))
+        input_tokens=pair_input_tokens, compute_params=setup.compute_params))
     state, summary = setup.train(start, stage_dir, train_steps, step, data.batches,
                                  checkpoint_every=checkpoint_every,
                                  keep_checkpoints=keep_checkpoints,

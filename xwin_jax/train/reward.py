@@ -107,9 +107,11 @@ def fit(stage_dir: str, start: Start, train_steps: int, train_data: Any, *,
     tx, schedule = optimizer.build(train_steps)
     setup = ShardedTraining.create(SCORE, cfg, partitioner, tx, seed)
     step = setup.partition_step(make_train_step(reward_loss_fn(cfg, margin_scale, centering),
-                                                tx, schedule, input_tokens=pair_input_tokens))
-    model = heads.RewardModel(cfg)
-    score = setup.partition_eval(lambda params, batch: pair_rewards(model, params, batch))
+                                                tx, schedule, input_tokens=pair_input_tokens,
+                                                compute_params=setup.compute_params))
+    model, weights = heads.RewardModel(cfg), setup.compute_params
+    score = setup.partition_eval(lambda params, batch: pair_rewards(model, weights(params),
+                                                                    batch))
     eval_fn = None
     if eval_data is not None:
         def eval_fn(state):

@@ -113,11 +113,13 @@ def fit(stage_dir: str, start: Start, train_steps: int, train_data: Any, *,
     tx, schedule = optimizer.build(train_steps)
     setup = ShardedTraining.create(LM, model, partitioner, tx, seed)
     loss_fn = sft_loss_fn(model, z_loss=z_loss, chunk_size=logits_chunk_size)
-    step_fn = setup.partition_step(make_train_step(loss_fn, tx, schedule, num_micro_batches))
+    step_fn = setup.partition_step(make_train_step(loss_fn, tx, schedule, num_micro_batches,
+                                                   compute_params=setup.compute_params))
     eval_fn = None
     if eval_data is not None:
-        eval_fn = make_eval_fn(setup.partition_eval(make_eval_step(loss_fn)), partitioner,
-                               eval_data, eval_batches)
+        eval_fn = make_eval_fn(setup.partition_eval(make_eval_step(loss_fn,
+                                                                   setup.compute_params)),
+                               partitioner, eval_data, eval_batches)
     state, summary = setup.train(
         start, stage_dir, train_steps, step_fn, train_data.batches,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,

@@ -3,7 +3,14 @@
     start = Start.resolve(model, init_dir, vocabulary)    # config + tokenizer + checkpoint
     setup = ShardedTraining.create(spec(SCORE), start.config, partitioner, optimizer, seed)
     state = setup.init_state(setup.initial_params(start.checkpoint))   # None: random init
-    step = setup.partition_step(make_train_step(loss_fn, optimizer, schedule))
+    step = setup.partition_step(make_train_step(loss_fn, optimizer, schedule,
+                                                compute_params=setup.compute_params))
+
+`setup.compute_params` is params → the weights a loss reads: every matrix cast to the compute
+dtype on its own shard, so FSDP all-gathers move bf16 by construction (not by the grace of
+XLA's sharding propagation), while the master weights and the optimizer state stay fp32 and
+sharded (the gradients flow back to them through the cast). The token embedding and a score
+model's scalar head keep their master weights.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ from xwin_jax.checkpoints.manager import abstract_like
 from xwin_jax.data.vocabulary import resolve_vocabulary
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.errors import ConfigError
-from xwin_jax.models.spec import (LM, Checkpoint, ModelSpec, check_context, open_checkpoint,
-                                  place, spec)
+from xwin_jax.models.spec import (LM, Checkpoint, ModelSpec, check_context,
+                                  compute_weights, open_checkpoint, place, spec)
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train import state as train_state
 from xwin_jax.train.loop import train_loop
@@ -85,6 +92,12 @@ def state_shardings(partitioner: Partitioner, optimizer: optax.GradientTransform
                                   opt_state=opt)
 
 
+def _keeps_master(path) -> bool:
+    """Whether compute_params leaves this param in its master dtype: the token embedding (an
+    LM's or a score model's trunk's); compute_weights already keeps norms and a score head."""
+    return "embed_tokens" in [getattr(k, "key", None) for k in path]
+
+
 @dataclasses.dataclass
 class ShardedTraining:
     spec: ModelSpec
@@ -106,6 +119,23 @@ class ShardedTraining:
         shardings = state_shardings(partitioner, optimizer, abstract, param_shardings)
         return cls(model_spec, model, partitioner, optimizer, seed, param_shardings,
                    abstract_like(abstract, shardings), shardings)
+
+    @property
+    def compute_params(self) -> Callable[[Any], Any]:
+        """params → the weights the loss reads (inside jit): every floating matrix cast to the
+        model's compute dtype on its shard (models.spec.compute_weights), so that what an FSDP
+        all-gather moves is the compute dtype. For make_train_step / make_eval_step's
+        `compute_params`. Two matrices keep their master weights (_keeps_master): the token
+        embedding, which is looked up rather than gathered whole and whose gradient is a
+        scatter-add that bf16 would round at every repeat of a token, and a score model's
+        head ([hidden, 1], read in fp32 by heads.ScoreHead: casting it would round scores)."""
+        dtype, shardings = self.model.dtype, self.param_shardings
+
+        def weights(params):
+            cast = compute_weights(params, dtype, shardings)
+            return jax.tree_util.tree_map_with_path(
+                lambda path, w, master: master if _keeps_master(path) else w, cast, params)
+        return weights
 
     def initial_params(self, checkpoint: Checkpoint | None) -> Any | None:
         """The checkpoint's params in this model's kind and shardings (None: random init)."""

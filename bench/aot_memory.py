@@ -39,6 +39,9 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", type=int, default=None, help="PPO prompt width")
     parser.add_argument("--new", type=int, default=None, help="PPO new tokens per prompt")
     parser.add_argument("--minibatches", type=int, default=4, help="PPO minibatches per batch")
+    parser.add_argument("--decode_tensor", type=int, default=0,
+                        help="PPO rollout: devices each weight is split over (decoding."
+                             "DecodeLayout.tensor; 0 = every simulated device, one host)")
     parser.add_argument("--micro_batches", type=int, default=1, help="SFT gradient accumulation")
     parser.add_argument("--unpacked", action="store_true",
                         help="SFT rows without segment_ids/positions (the SFT data packs them)")
@@ -72,6 +75,7 @@ def main(argv=None):
     import jax
 
     from xwin_jax import aot
+    from xwin_jax.decoding import DecodeLayout
     from xwin_jax.models.config import preset
     from xwin_jax.partitioning import Partitioner
 
@@ -89,7 +93,8 @@ def main(argv=None):
                                  logits_chunk=args.logits_chunk or None,
                                  num_micro_batches=args.micro_batches,
                                  num_minibatches=args.minibatches, packed=not args.unpacked,
-                                 count_flops=args.count_flops)
+                                 count_flops=args.count_flops,
+                                 decode_layout=DecodeLayout(args.decode_tensor))
         except ValueError as err:  # shapes that do not shard: say which, plan the other steps
             print(f"{step}: cannot plan: {err}", file=sys.stderr, flush=True)
             failed += 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_rl import numpy_gae  # the NumPy loop rl.gae is tested against
 
-from xwin_jax import jobs
+from xwin_jax import jobs, sampling
 from xwin_jax.errors import ConfigError
 from xwin_jax.checkpoints.params import load_params, save_params
 from xwin_jax.data import formats
@@ -55,9 +55,10 @@ def checkpoints(tmp_path_factory):
 
 
 def run(checkpoints, workdir, steps, learning_rate=1e-3, value_learning_rate=2e-3,
-        models=None, **ppo_overrides):
-    prompts = PromptsData([str(checkpoints / "prompts.jsonl")], max_prompt_len=PROMPT_LEN,
-                          batch_size=4)
+        models=None, time_phases=True, max_prompt_len=PROMPT_LEN, bucket_multiple=64,
+        **ppo_overrides):
+    prompts = PromptsData([str(checkpoints / "prompts.jsonl")], max_prompt_len=max_prompt_len,
+                          batch_size=4, bucket_multiple=bucket_multiple)
     config = dict(max_new_tokens=8, epochs=2, num_minibatches=2, temperature=0.7,
                   kl_coef=0.05)
     config.update(ppo_overrides)
@@ -69,7 +70,8 @@ def run(checkpoints, workdir, steps, learning_rate=1e-3, value_learning_rate=2e-
                          ppo=ppo.PPOConfig(**config), policy_optimizer=optimizer(learning_rate),
                          value_optimizer=optimizer(value_learning_rate),
                          partitioner=Partitioner({"data": 1, "fsdp": 2, "tensor": 1}),
-                         checkpoint_every=1, async_checkpoints=False)
+                         checkpoint_every=1, async_checkpoints=False,
+                         time_phases=time_phases)
 
 
 def metrics(workdir):
@@ -167,11 +169,14 @@ def test_a_rollout_is_the_policys_sample_with_its_keys():
     batch = {"tokens": np.zeros((4, 10), np.int32), "mask": np.zeros((4, 10), np.int32)}
     for r, ids in enumerate(prompts):  # left padding
         batch["tokens"][r, 10 - len(ids):], batch["mask"][r, 10 - len(ids):] = ids, 1
-    config = ppo.PPOConfig(max_new_tokens=8, temperature=0.7)
-    key = jax.random.key(3)
-    rows = ppo.rollout_rows(params, CFG, config, batch["tokens"], batch["mask"], key, BYTES)
+    rollout_fn = jax.jit(ppo.make_rollout_fn(CFG, 8, mode="sample", stop_ids=(BYTES.eos_id,),
+                                             pad_id=BYTES.pad_id, seed=3))
+    # The rollout of iteration 3 at a traced temperature of 0.7.
+    rows = jax.device_get(rollout_fn(params, batch, 3, sampling.Settings(0.7, 0, 1.0)))
     new, logps = naive_samples(params, batch["tokens"], batch["mask"],
-                               jax.random.split(key, 4), 0.7, 8, BYTES.eos_id)
+                               jax.random.split(jax.random.fold_in(jax.random.key(3), 3), 4),
+                               0.7, 8, BYTES.eos_id)
+    np.testing.assert_allclose(rows["temperature"], 0.7)
     for r in range(4):
         n = len(new[r])
         np.testing.assert_array_equal(rows["tokens"][r], list(batch["tokens"][r]) + new[r]
@@ -225,7 +230,8 @@ def update_inputs():
     response_mask[1, 3:] = 0
     logp, _ = rollout.response_logprobs(CFG, policy.params, tokens, mask, p, 0.7)
     batch = {"tokens": tokens, "mask": mask, "response_mask": response_mask,
-             "old_logp": np.asarray(logp), "advantages": np.zeros((b, t), np.float32),
+             "temperature": np.full((b,), 0.7, np.float32), "old_logp": np.asarray(logp),
+             "advantages": np.zeros((b, t), np.float32),
              "old_values": np.zeros((b, t), np.float32),
              "returns": rng.normal(size=(b, t)).astype(np.float32)}
     return optimizer, policy, value, batch, p
@@ -233,7 +239,7 @@ def update_inputs():
 
 def test_zero_advantages_leave_the_policy_unchanged_while_the_value_learns():
     optimizer, policy, value, batch, p = update_inputs()
-    step = jax.jit(ppo.make_update_step(CFG, CFG, ppo.PPOConfig(), p, optimizer, optimizer))
+    step = jax.jit(ppo.make_update_step(CFG, CFG, ppo.PPOConfig(), optimizer, optimizer))
     new_policy, new_value, stats = step(policy, value, batch)
     for before, after in zip(jax.tree.leaves(policy.params), jax.tree.leaves(new_policy.params)):
         np.testing.assert_array_equal(before, after)
@@ -250,8 +256,8 @@ def test_values_are_the_score_of_each_prefix_in_normalised_units():
     tokens = np.arange(3, 3 + 2 * 9, dtype=np.int32).reshape(2, 9)
     mask = np.ones((2, 9), np.int32)
     mask[1, :2] = 0  # left padding
-    values_of = jax.jit(ppo.values_fn(CFG, 5, RewardStats(0.5, 4.0)))
-    values = values_of(params, tokens, mask)
+    values_of = jax.jit(ppo.values_fn(CFG, RewardStats(0.5, 4.0)), static_argnums=3)
+    values = values_of(params, tokens, mask, 5)
     # The value before response token t is the score model's reading of the row up to the
     # position that predicts it (P - 1 + t; later tokens masked out), mapped like the rewards.
     score = jax.jit(lambda p, m: raw_scores(CFG, p, tokens, m))
@@ -261,7 +267,7 @@ def test_values_are_the_score_of_each_prefix_in_normalised_units():
                                    atol=1e-6)
     # A head that reads nothing gives exactly the value of a raw score of 0.
     params["score"]["kernel"] = jnp.zeros_like(params["score"]["kernel"])
-    zero = values_of(params, tokens, mask)
+    zero = values_of(params, tokens, mask, 5)
     np.testing.assert_array_equal(zero, np.full((2, 4), -0.125, np.float32))
 
 
@@ -316,6 +322,43 @@ def test_a_killed_run_resumes_bit_identical_to_an_uninterrupted_one(
               "step_time_s", "tokens_per_s")
     untimed = lambda m: {k: v for k, v in m.items() if k not in timing}  # noqa: E731
     assert untimed(metrics(tmp_path)[-1]) == untimed(metrics(whole_dir)[-1])
+
+
+def test_an_iteration_reads_the_devices_once(checkpoints, tmp_path, monkeypatch):
+    """Rollout, scoring and every update run on the devices; an iteration's only transfer to
+    the host is the one read of its metrics (implicit transfers are refused)."""
+    reads, real_get, iteration = [], jax.device_get, ppo.PPOPhases.iteration
+
+    def counting_get(tree):
+        reads.append(1)
+        return real_get(tree)
+
+    def guarded(self, *args, **kwargs):
+        monkeypatch.setattr(jax, "device_get", counting_get)
+        try:
+            with jax.transfer_guard_device_to_host("disallow"):
+                return iteration(self, *args, **kwargs)
+        finally:
+            monkeypatch.setattr(jax, "device_get", real_get)
+
+    monkeypatch.setattr(ppo.PPOPhases, "iteration", guarded)
+    run(checkpoints, tmp_path, 2, time_phases=False)
+    assert len(reads) == 2
+    assert "time_rollout_s" not in metrics(tmp_path)[0]
+
+
+def test_bucketed_prompts_give_the_unbucketed_result(checkpoints, tmp_path):
+    """Prompts padded to their bucket (64) rather than max_prompt_len (192): the same
+    samples, metrics and parameters, up to the rounding of the shorter sums."""
+    bucketed = run(checkpoints, tmp_path / "bucketed", 1, max_prompt_len=192)
+    padded = run(checkpoints, tmp_path / "padded", 1, max_prompt_len=192, bucket_multiple=None)
+    for name in ("export_dir", "value_export_dir"):
+        for a, b in zip(leaves(bucketed[name]), leaves(padded[name])):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    (short,), (long,) = metrics(tmp_path / "bucketed"), metrics(tmp_path / "padded")
+    assert short["response_length"] == long["response_length"]
+    for name in ("score", "kl_k3", "loss", "value_loss", "sampler_logprob_gap"):
+        assert short[name] == pytest.approx(long[name], rel=1e-4, abs=1e-5), name
 
 
 def test_a_non_finite_update_stops_ppo_before_anything_is_saved(checkpoints, tmp_path):

@@ -32,12 +32,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xwin_jax import sampling
 from xwin_jax.checkpoints.manager import abstract_like
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.spec import LM, SCORE, spec
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.rewards import raw_scores
+from xwin_jax.decoding import DecodeLayout
 from xwin_jax.train import ppo, reward, sft
 from xwin_jax.train import state as train_state
 from xwin_jax.train.sharded import ShardedTraining
@@ -147,7 +147,8 @@ def plan_sft(cfg: LlamaConfig, partitioner: Partitioner, batch: int, seq_len: in
     optimizer, schedule = _optimizer()
     setup = ShardedTraining.create(LM, cfg, partitioner, optimizer)
     step = setup.partition_step(make_train_step(
-        sft.sft_loss_fn(cfg, chunk_size=logits_chunk), optimizer, schedule, num_micro_batches))
+        sft.sft_loss_fn(cfg, chunk_size=logits_chunk), optimizer, schedule, num_micro_batches,
+        compute_params=setup.compute_params))
     rows = partitioner.data_sharding(2)
     data = {"input_tokens": _abstract((batch, seq_len), jnp.int32, rows),
             "target_tokens": _abstract((batch, seq_len), jnp.int32, rows),
@@ -172,7 +173,7 @@ def plan_reward(cfg: LlamaConfig, partitioner: Partitioner, batch: int, seq_len:
     setup = ShardedTraining.create(SCORE, cfg, partitioner, optimizer)
     step = setup.partition_step(make_train_step(
         reward.reward_loss_fn(cfg), optimizer, schedule,
-        input_tokens=reward.pair_input_tokens))
+        input_tokens=reward.pair_input_tokens, compute_params=setup.compute_params))
     rows, per_row = partitioner.data_sharding(2), partitioner.data_sharding(1)
     data = {}
     for side in ("chosen", "rejected"):
@@ -190,9 +191,11 @@ def plan_reward(cfg: LlamaConfig, partitioner: Partitioner, batch: int, seq_len:
 
 def plan_ppo(cfg: LlamaConfig, partitioner: Partitioner, batch: int, prompt_len: int,
              new_tokens: int, *, num_minibatches: int = 4, reward_cfg: LlamaConfig | None = None,
-             phases: tuple[str, ...] = ("rollout", "scoring", "update")) -> dict[str, Any]:
-    """One PPO iteration (train/ppo.py) with a rollout batch of `batch` prompts of prompt_len
-    tokens and new_tokens sampled per prompt. Policy and reference share `cfg`; value and
+             phases: tuple[str, ...] = ("rollout", "scoring", "update"),
+             decode_layout: DecodeLayout | None = None) -> dict[str, Any]:
+    """One PPO iteration (train/ppo.py's PPOPhases: the job's own programs) with a rollout
+    batch of `batch` prompts of prompt_len tokens and new_tokens sampled per prompt, the
+    rollout in `decode_layout` (decoding.py). Policy and reference share `cfg`; value and
     reward models use reward_cfg (default: cfg's shapes with a scalar head)."""
     reward_cfg = reward_cfg or cfg
     seq_len = prompt_len + new_tokens
@@ -220,19 +223,34 @@ def plan_ppo(cfg: LlamaConfig, partitioner: Partitioner, batch: int, prompt_len:
                 num_minibatches=num_minibatches, models=models, resident=resident,
                 phases={})
 
+    # The job's own three programs (ppo.PPOPhases), the rollout in the decode layout.
+    programs = ppo.PPOPhases.create(
+        cfg, reward_cfg, ppo_cfg, partitioner, policy, value, rm_shardings,
+        policy_optimizer=policy_opt, value_optimizer=value_opt,
+        scores_of=lambda p, t, m: raw_scores(reward_cfg, p, t, m), minibatch=minibatch,
+        stop_ids=(2,), pad_id=0, decode_layout=decode_layout)
+    scalar = partitioner.replicated
+    iteration = _abstract((), jnp.int32, scalar)
+    response = {"response_mask": jnp.int32, "sampler_logprobs": jnp.float32}
+    rollout_rows = {**{name: _abstract((batch, seq_len), jnp.int32, rows)
+                       for name in ("tokens", "mask")},
+                    **{name: _abstract((batch, new_tokens), dtype, rows)
+                       for name, dtype in response.items()},
+                    "finished": _abstract((batch,), jnp.bool_, partitioner.batch_sharding),
+                    "temperature": _abstract((batch,), jnp.float32,
+                                             partitioner.batch_sharding)}
+
     if "update" in phases:
-        update = partitioner.partition(
-            ppo.make_update_step(cfg, reward_cfg, ppo_cfg, prompt_len, policy_opt, value_opt),
-            in_shardings=(policy.shardings, value.shardings, partitioner.batch_sharding),
-            out_shardings=(policy.shardings, value.shardings, partitioner.replicated),
-            donate_argnums=(0, 1))
-        mb = {name: _abstract((minibatch, seq_len), jnp.int32, rows)
-              for name in ("tokens", "mask")}
-        mb.update({name: _abstract((minibatch, new_tokens), dtype, rows) for name, dtype in (
-            ("response_mask", jnp.int32), ("old_logp", jnp.float32),
-            ("old_values", jnp.float32), ("advantages", jnp.float32),
-            ("returns", jnp.float32))})
-        compiled, seconds = _compile(update, policy.abstract_state, value.abstract_state, mb)
+        update_batch = {name: rollout_rows[name] for name in ("tokens", "mask", "temperature")}
+        update_batch.update({name: _abstract((batch, new_tokens), dtype, rows)
+                             for name, dtype in (("response_mask", jnp.int32),
+                                                 ("old_logp", jnp.float32),
+                                                 ("old_values", jnp.float32),
+                                                 ("advantages", jnp.float32),
+                                                 ("returns", jnp.float32))})
+        order = _abstract((ppo_cfg.epochs * batch,), jnp.int32, scalar)
+        compiled, seconds = _compile(programs.update, policy.abstract_state,
+                                     value.abstract_state, update_batch, order, iteration)
         flops = 3.0 * (_forward_flops(cfg, minibatch, seq_len, new_tokens)
                        + _forward_flops(reward_cfg, minibatch, seq_len, 0))
         plan["phases"]["update"] = _phase(
@@ -240,18 +258,10 @@ def plan_ppo(cfg: LlamaConfig, partitioner: Partitioner, batch: int, prompt_len:
             resident_outside=models["reference"]["params"] + models["reward"]["params"])
 
     if "scoring" in phases:
-        score = ppo.make_score_fn(cfg, prompt_len, ppo_cfg.temperature,
-                                  ppo.values_fn(reward_cfg, prompt_len),
-                                  lambda p, t, m: raw_scores(reward_cfg, p, t, m))
-        score_fn = partitioner.partition(
-            score, in_shardings=(policy.param_shardings, policy.param_shardings,
-                                 value.param_shardings, rm_shardings,
-                                 partitioner.batch_sharding),
-            out_shardings=partitioner.batch_sharding)
-        rollout_rows = {name: _abstract((batch, seq_len), jnp.int32, rows)
-                        for name in ("tokens", "mask")}
-        compiled, seconds = _compile(score_fn, policy.abstract_state.params, reference_params,
-                                     value.abstract_state.params, rm_params, rollout_rows)
+        compiled, seconds = _compile(
+            programs.scoring, policy.abstract_state.params, reference_params,
+            value.abstract_state.params, rm_params, rollout_rows,
+            _abstract((), jnp.float32, scalar), iteration)
         flops = (2 * _forward_flops(cfg, batch, seq_len, new_tokens)
                  + 2 * _forward_flops(reward_cfg, batch, seq_len, 0))
         plan["phases"]["scoring"] = _phase(
@@ -259,28 +269,23 @@ def plan_ppo(cfg: LlamaConfig, partitioner: Partitioner, batch: int, prompt_len:
             resident_outside=models["policy"]["opt_state"] + models["value"]["opt_state"])
 
     if "rollout" in phases:
-        prompts = {name: _abstract((batch, prompt_len), jnp.int32, rows)
+        decode = programs.decoder.partitioner
+        prompts = {name: _abstract((batch, prompt_len), jnp.int32, decode.data_sharding(2))
                    for name in ("tokens", "mask")}
-        keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
-        keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=partitioner.replicated)
-        settings = sampling.row_settings(batch, ppo_cfg.temperature, ppo_cfg.top_k,
-                                         ppo_cfg.top_p)
-        began = time.perf_counter()
-        with partitioner.activation_context():
-            compiled = sampling.generate_program.lower(
-                policy.abstract_state.params, prompts["tokens"], prompts["mask"], keys,
-                settings, cfg=cfg, max_new_tokens=new_tokens,
-                mode=sampling.sampling_mode(settings, cfg.vocab_size), stop_ids=(2,),
-                pad_id=0).compile()
-        seconds = time.perf_counter() - began
+        settings = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, decode.replicated),
+                                programs.settings)
+        weights = programs.decoder.abstract_weights()
+        compiled, seconds = _compile(programs.rollout, weights, prompts,
+                                     _abstract((), jnp.int32, decode.replicated), settings)
+        plan["decode_weights"] = per_device_bytes(weights)
         # Prefill of the prompt, then one token at a time against the whole cache.
         flops = (2.0 * _trunk_matmul_params(cfg) * batch * seq_len
                  + 2.0 * cfg.num_layers * prompt_len * cfg.hidden_size * batch * prompt_len
                  + 4.0 * cfg.num_layers * seq_len * cfg.hidden_size * batch * new_tokens
                  + 2.0 * _head_params(cfg) * batch * new_tokens)
-        plan["phases"]["rollout"] = _phase(
-            compiled, seconds, flops, devices,
-            resident_outside=resident - models["policy"]["params"])
+        # The decode copy is the program's argument; every training-layout model stays.
+        plan["phases"]["rollout"] = _phase(compiled, seconds, flops, devices,
+                                           resident_outside=resident)
 
     if not plan["phases"]:
         raise ValueError(f"phases={tuple(phases)}: plan at least one of "
@@ -307,7 +312,8 @@ def plan_step(step: str, cfg: LlamaConfig, partitioner: Partitioner, *, batch: i
               num_micro_batches: int = 1, num_minibatches: int = 4,
               reward_cfg: LlamaConfig | None = None, packed: bool = True,
               count_flops: bool = False,
-              phases: tuple[str, ...] = ("rollout", "scoring", "update")) -> dict[str, Any]:
+              phases: tuple[str, ...] = ("rollout", "scoring", "update"),
+              decode_layout: DecodeLayout | None = None) -> dict[str, Any]:
     """The plan of one step: 'sft', 'reward' (batch = pairs) or 'ppo' (batch = prompts per
     rollout; prompt_len + new_tokens, or seq_len split in half). Sizes in the dict are bytes
     per device; flops_model is the 6N-per-token estimate (2N for forward-only phases) per
@@ -342,7 +348,7 @@ def plan_step(step: str, cfg: LlamaConfig, partitioner: Partitioner, *, batch: i
         if step == "ppo":
             return plan_ppo(cfg, partitioner, batch, prompt_len, new_tokens,
                             num_minibatches=num_minibatches, reward_cfg=reward_cfg,
-                            phases=phases)
+                            phases=phases, decode_layout=decode_layout)
         raise ValueError(f"step={step!r}: choose one of {STEPS}")
 
     plan = plan_for(cfg, reward_cfg, logits_chunk, num_micro_batches, phases)
@@ -416,8 +422,10 @@ def format_plan(plan: dict, device_memory_gib: float = 80.0, name: str = "") -> 
                 f"{_gib(models['policy']['params'])}+opt {_gib(models['policy']['opt_state'])},"
                 f" value {_gib(models['value']['params'])}+opt "
                 f"{_gib(models['value']['opt_state'])}, ref {_gib(models['reference']['params'])},"
-                f" RM {_gib(models['reward']['params'])}) | largest phase {plan['peak_phase']}: "
-                f"temp {_gib(m['temporaries'])} |")
+                f" RM {_gib(models['reward']['params'])})"
+                + (f", decode copy {_gib(plan['decode_weights'])}" if "decode_weights" in plan
+                   else "")
+                + f" | largest phase {plan['peak_phase']}: temp {_gib(m['temporaries'])} |")
     else:
         body = (f" args {_gib(m['arguments'])} (params {_gib(state['params'])} + opt "
                 f"{_gib(state['opt_state'])}) temp {_gib(m['temporaries'])} out "

@@ -240,10 +240,11 @@ def write_report(workdir: str, results: dict, title: str = "Quickstart report") 
         "score. RM accuracy: held-out preference pairs.", "", rows, ""]
     if (results.get("ppo") or {}).get("final_metrics"):
         ppo = results["ppo"]["final_metrics"]
+        share = (f", rollout share of the iteration time {ppo['rollout_fraction']:.0%}"
+                 if "rollout_fraction" in ppo else "")  # logged with time_phases=True
         text += [
             f"PPO, last iteration: KL (k1) {ppo.get('kl', float('nan')):.3f}, KL (k3) "
-            f"{ppo.get('kl_k3', float('nan')):.3f}, rollout share of the iteration time "
-            f"{ppo.get('rollout_fraction', float('nan')):.0%}.", ""]
+            f"{ppo.get('kl_k3', float('nan')):.3f}{share}.", ""]
     training = training_table(workdir, results)
     if training.count("\n") > 1:  # a row below the header
         text += ["## Training", "", training, ""]

@@ -137,9 +137,8 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def adaptive_kl_beta(beta: float, kl: float, n_steps: int, target: float,
-                     horizon: float) -> float:
+def adaptive_kl_beta(beta, kl, n_steps: int, target: float, horizon: float):
     """Ziegler et al.'s controller: error = clip(KL / target - 1, -0.2, 0.2),
-    beta <- beta * (1 + error * n_steps / horizon)."""
-    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    beta <- beta * (1 + error * n_steps / horizon). Traceable (beta and kl may be arrays)."""
+    error = jnp.clip(kl / target - 1.0, -0.2, 0.2)
     return beta * (1.0 + error * n_steps / horizon)

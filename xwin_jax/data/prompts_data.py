@@ -7,8 +7,11 @@ Prompts are read at construction (any prompts format: formats.read_prompts; a ma
 fails at once, naming file:line). Once a vocabulary is bound (at construction when `vocabulary`
 is given, else when the job binds its checkpoint's: `data.with_vocabulary(vocab)`,
 batching.LazyVocabulary) they are rendered with the chat template up to "ASSISTANT:", and each
-batch is left-padded to one fixed width, so every rollout compiles once. Each epoch is a seeded
-permutation; batch k is a pure function of (files, vocabulary, seed, k).
+global batch is left-padded to its length bucket: its longest prompt rounded up to a multiple
+of `bucket_multiple` (64; at most max_prompt_len), so a rollout's KV cache, scoring and update
+are sized by the prompts actually drawn and only a few widths compile. Every host computes the
+same width (it holds every prompt), so the hosts' slices agree. None pads to max_prompt_len.
+Each epoch is a seeded permutation; batch k is a pure function of (files, vocabulary, seed, k).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class PromptsData(LazyVocabulary, GlobalBatches):
     seed: int = 0
     system: str | None = None
     skip_invalid: bool = False
+    bucket_multiple: int | None = converters.BUCKET_MULTIPLE
 
     BOUND = ("ids",)
 
@@ -74,7 +78,10 @@ class PromptsData(LazyVocabulary, GlobalBatches):
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:
         rows = self.rows(step)
-        batch = converters.left_padded_batch([self.ids[i] for i in rows], self.max_prompt_len,
+        width = self.max_prompt_len if self.bucket_multiple is None else \
+            converters.bucket_width(max(len(self.ids[i]) for i in rows), self.bucket_multiple,
+                                    self.max_prompt_len)
+        batch = converters.left_padded_batch([self.ids[i] for i in rows], width,
                                              self.vocab.pad_id)
         batch["index"] = rows.astype(np.int32)
         return batch

@@ -67,16 +67,17 @@ def put_global(host_array, sharding):
 
 def compute_weights(params: Any, dtype: Any, shardings: Any = None) -> Any:
     """Params with every floating weight matrix (kernels, embeddings) cast to the compute
-    dtype; norm scales (`scale`, stacked per layer or not) keep theirs, since the model
-    reads them in fp32. With `shardings` (inside jit), each cast copy is held in its
-    weight's sharding, so the cast happens on the shard and what an FSDP all-gather then
-    moves is the compute dtype, not the fp32 master weights."""
+    dtype; what the model reads in fp32 keeps its dtype: norm scales (`scale`, stacked per
+    layer or not) and a score model's head ([hidden, 1], heads.ScoreHead: casting it would
+    round the scores). With `shardings` (inside jit), each cast copy is held in its weight's
+    sharding, so the cast happens on the shard and what an FSDP all-gather then moves is the
+    compute dtype, not the fp32 master weights."""
     dtype = jnp.dtype(dtype)
 
     def cast(path, x, sharding=None):
-        name = getattr(path[-1], "key", None) if path else None
-        if name == "scale" or x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating) \
-                or x.dtype == dtype:
+        keys = [getattr(k, "key", None) for k in path]
+        kept = keys[-1:] == ["scale"] or keys[:1] == [heads.HEAD]
+        if kept or x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
             return x
         x = x.astype(dtype)
         return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)

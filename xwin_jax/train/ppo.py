@@ -1,28 +1,36 @@
 """PPO for a chat policy against a reward model (the RL step of Xwin-LM V0.2).
 
-One iteration = rollout → scoring → advantages → K epochs x minibatches of clipped updates:
+One iteration = rollout → scoring → K epochs x minibatches of clipped updates, three jitted
+programs (PPOPhases) on arrays that stay on the devices:
 
-  rollout   sample a response per prompt (sampling.generate, at `temperature`)
+  rollout   the policy resharded into the decode layout (decoding.py: weights split over
+            heads / MLP / vocab, no weight gathers per token), a response per prompt sampled
+            at the traced `temperature` / top-k / top-p, assembled into rows
   scoring   policy log-probs (logits / temperature, the distribution sampled from), reference
             log-probs, values, and the reward model's score at the last real token,
-            normalised by rewards.RewardScorer (the RM's reward_stats.json) inside the same
-            jitted pass; responses that never emit EOS get `missing_eos_score`
-  advantage per-token reward -beta * KL(k1) plus the score at the last response token;
-            GAE(gamma, lam); advantages whitened over the batch
+            normalised by rewards.RewardScorer (the RM's reward_stats.json); responses that
+            never emit EOS get `missing_eos_score`; per-token reward -beta * KL(k1) plus the
+            score at the last response token, GAE(gamma, lam), whitened advantages, the
+            iteration's metrics, the next beta and the minibatch order
   update    policy and value are separate parameter trees, each updated by the shared
-            train step (step.make_train_step) with its own optimizer (state.OptimizerConfig);
-            the reference and reward models are frozen and carry no optimizer state
+            train step (step.make_train_step) with its own optimizer (state.OptimizerConfig)
+            on minibatches gathered on the devices; the reference and reward models are
+            frozen and carry no optimizer state
 
-Four models share one mesh. beta is fixed or follows the adaptive controller (Ziegler et al.).
-The job runs through the stage runner (stage.run_stage: a finished run with the same settings
-is skipped, an unfinished one resumes, one with other settings is refused), and its
-iterations run in the shared train loop, so checkpoints, SIGTERM, resume and metrics behave
-like every other stage; one iteration is one "step".
+The iteration reads its metrics back once, at the end (and checks every update for
+non-finite values there). Prompt batches are padded to their length bucket (PromptsData), so
+each program is sized by the prompts drawn. Four models share one mesh, on one host or many.
+beta is fixed or follows the adaptive controller (Ziegler et al.). The job runs through the
+stage runner (stage.run_stage: a finished run with the same settings is skipped, an unfinished
+one resumes, one with other settings is refused), and its iterations run in the shared train
+loop, so checkpoints, SIGTERM, resume and metrics behave like every other stage; one iteration
+is one "step".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable
@@ -35,9 +43,11 @@ import optax
 
 from xwin_jax import rl, sampling
 from xwin_jax.checkpoints.manager import abstract_like
+from xwin_jax.decoding import DecodeLayout, Decoder
 from xwin_jax.errors import ConfigError
 from xwin_jax.models.config import LlamaConfig
-from xwin_jax.models.spec import LM, SCORE, check_context, open_checkpoint
+from xwin_jax.models.spec import (LM, SCORE, check_context, compute_weights, open_checkpoint,
+                                  put_global)
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.rewards import RewardScorer, RewardStats, open_reward
 from xwin_jax.train import rollout
@@ -105,35 +115,124 @@ def advantages(cfg: PPOConfig, scores: jax.Array, finished: jax.Array, logp: jax
             "non_score_reward": per_sequence(rewards) - jnp.mean(scores)}
 
 
-def values_fn(value_cfg: LlamaConfig, prompt_len: int, stats: RewardStats | None = None
-              ) -> Callable:
-    """(params, tokens, mask) → values [B, T] in normalised-reward units. A value model that
-    starts as a reward model gives raw scores that `stats` (its RewardStats) maps to the
-    normalised rewards it must predict; the same affine map is applied in scoring and in the
-    update, so it is simply part of the value head (identity by default)."""
+def prompt_width(rows: dict) -> int:
+    """P of rollout rows (tokens [B, P + T], response_mask [B, T]): static, from the shapes,
+    so one function serves every prompt bucket."""
+    return rows["tokens"].shape[1] - rows["response_mask"].shape[1]
+
+
+def values_fn(value_cfg: LlamaConfig, stats: RewardStats | None = None) -> Callable:
+    """(params, tokens, mask, prompt_len) → values [B, T] in normalised-reward units. A value
+    model that starts as a reward model gives raw scores that `stats` (its RewardStats) maps
+    to the normalised rewards it must predict; the same affine map is applied in scoring and
+    in the update, so it is simply part of the value head (identity by default)."""
     stats = stats or RewardStats()
 
-    def values(params, tokens, mask):
+    def values(params, tokens, mask, prompt_len):
         return stats.normalise(rollout.response_values(value_cfg, params, tokens, mask,
                                                        prompt_len))
     return values
 
 
-def make_score_fn(policy_cfg: LlamaConfig, prompt_len: int, temperature: float,
-                  values_of: Callable, scores_of: Callable) -> Callable:
-    """The scoring pass of an iteration: (policy, reference, value, RM params, rollout rows
-    {tokens, mask}) → ((policy log-probs, entropy), reference log-probs, values, RM scores).
-    `values_of` is values_fn(...); `scores_of(params, tokens, mask)` gives the normalised
-    reward [B] (RewardScorer.apply), so normalisation happens inside this one program."""
+def make_score_fn(policy_cfg: LlamaConfig, values_of: Callable, scores_of: Callable
+                  ) -> Callable:
+    """The model passes of the scoring phase: (policy, reference, value, RM params, rollout
+    rows {tokens, mask, response_mask, temperature}) → ((policy log-probs, entropy),
+    reference log-probs, values, RM scores), the log-probs at each row's sampling
+    temperature. `values_of` is values_fn(...); `scores_of(params, tokens, mask)` gives the
+    normalised reward [B] (RewardScorer.apply), so normalisation happens inside this one
+    program."""
     def score(policy, reference, value, reward, rows):
-        tokens, mask = rows["tokens"], rows["mask"]
-        return (rollout.response_logprobs(policy_cfg, policy, tokens, mask, prompt_len,
+        tokens, mask, width = rows["tokens"], rows["mask"], prompt_width(rows)
+        temperature = rows["temperature"]
+        return (rollout.response_logprobs(policy_cfg, policy, tokens, mask, width,
                                           temperature),
-                rollout.response_logprobs(policy_cfg, reference, tokens, mask, prompt_len,
+                rollout.response_logprobs(policy_cfg, reference, tokens, mask, width,
                                           temperature)[0],
-                values_of(value, tokens, mask),
+                values_of(value, tokens, mask, width),
                 scores_of(reward, tokens, mask))
     return score
+
+
+def make_rollout_fn(policy_cfg: LlamaConfig, max_new_tokens: int, *, mode: str,
+                    stop_ids: tuple[int, ...], pad_id: int, seed: int) -> Callable:
+    """The rollout phase: (decode-layout weights, prompts {tokens, mask} [B, P], iteration,
+    sampling.Settings of traced scalars) → rollout rows (rollout.assemble) plus each row's
+    `temperature`. Row r of iteration i samples with split(fold_in(key(seed), i), B)[r].
+    `mode` (sampling.sampling_mode) is the one static choice. Every input lives on the
+    decode layout's mesh (PPOPhases moves the prompts there and the rows back)."""
+    def rollout_fn(weights, prompts, iteration, settings):
+        tokens, mask = prompts["tokens"], prompts["mask"]
+        batch = tokens.shape[0]
+        row_keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), iteration), batch)
+        rows = sampling.Settings(*(jnp.broadcast_to(x, (batch,)) for x in settings))
+        generation = sampling.generate_program(
+            weights, tokens, mask, row_keys, rows, cfg=policy_cfg,
+            max_new_tokens=max_new_tokens, mode=mode, stop_ids=stop_ids, pad_id=pad_id)
+        assembled = rollout.assemble(tokens, mask, sampling.Generation(*generation))
+        assembled["temperature"] = rows.temperature
+        return assembled
+    return rollout_fn
+
+
+UPDATE_FIELDS = ("tokens", "mask", "response_mask", "temperature", "old_logp", "old_values",
+                 "advantages", "returns")
+
+
+def make_scoring_phase(cfg: PPOConfig, score_fn: Callable, seed: int,
+                       compute_params: tuple[Callable, ...] | None = None) -> Callable:
+    """The scoring phase: (policy, reference, value, RM params, rollout rows, kl_beta,
+    iteration) → (the update batch (UPDATE_FIELDS), the iteration's metrics, the next beta,
+    the next iteration, the minibatch order [epochs x B]) — all on the devices.
+    `compute_params`: one cast per model (models.spec.compute_weights with its shardings), so
+    the four forward passes gather their weights in the compute dtype."""
+    def scoring(policy, reference, value, reward, rows, kl_beta, iteration):
+        models = (policy, reference, value, reward)
+        if compute_params is not None:
+            models = tuple(cast(p) for cast, p in zip(compute_params, models))
+        (logp, entropy), ref_logp, values, scores = score_fn(*models, rows)
+        computed = advantages(cfg, scores, rows["finished"], logp, ref_logp, values,
+                              rows["response_mask"], kl_beta)
+        response_mask = rows["response_mask"].astype(jnp.float32)
+        batch_size = response_mask.shape[0]
+        metrics = {
+            "num_input_tokens": jnp.sum(rows["mask"]).astype(jnp.float32),
+            "score": jnp.mean(scores), "score_with_eos_penalty": jnp.mean(computed["scores"]),
+            "kl": computed["kl_k1"], "kl_k3": computed["kl_k3"], "kl_beta": kl_beta,
+            "non_score_reward": computed["non_score_reward"],
+            "explained_variance": rl.explained_variance(values, computed["returns"],
+                                                        response_mask),
+            "response_length": jnp.mean(jnp.sum(response_mask, axis=1)),
+            "no_eos_fraction": 1.0 - jnp.mean(rows["finished"].astype(jnp.float32)),
+            "sampler_logprob_gap": jnp.sum(jnp.abs(rows["sampler_logprobs"] - logp)
+                                           * response_mask)
+            / jnp.maximum(jnp.sum(response_mask), 1.0)}
+        new_beta = rl.adaptive_kl_beta(kl_beta, computed["kl_k1"], batch_size, cfg.kl_target,
+                                       cfg.kl_horizon) if cfg.adaptive_kl else kl_beta
+        update_batch = {"old_logp": logp, "old_values": values,
+                        "advantages": computed["advantages"], "returns": computed["returns"],
+                        **{k: rows[k] for k in ("tokens", "mask", "response_mask",
+                                                "temperature")}}
+        order_keys = jax.random.split(jax.random.fold_in(
+            jax.random.fold_in(jax.random.key(seed), iteration), 1), cfg.epochs)
+        order = jnp.concatenate([jax.random.permutation(k, batch_size) for k in order_keys])
+        return (update_batch, metrics, new_beta.astype(jnp.float32),
+                (iteration + 1).astype(jnp.int32), order.astype(jnp.int32))
+    return scoring
+
+
+def make_minibatch_update(update_step: Callable, minibatch: int, partitioner: Partitioner
+                          ) -> Callable:
+    """The update phase's step: (policy state, value state, update batch, order, k) → the
+    states after minibatch k (rows order[k*minibatch : (k+1)*minibatch], gathered on the
+    devices and split over the data shards again) and its metrics."""
+    def update(policy, value, batch, order, k):
+        picked = jax.lax.dynamic_slice_in_dim(order, k * minibatch, minibatch)
+        mb = {name: jax.lax.with_sharding_constraint(jnp.take(x, picked, axis=0),
+                                                     partitioner.data_sharding(x.ndim))
+              for name, x in batch.items()}
+        return update_step(policy, value, mb)
+    return update
 
 
 def _token_means(means: jax.Array | float, stats: dict, mask: jax.Array,
@@ -146,12 +245,12 @@ def _token_means(means: jax.Array | float, stats: dict, mask: jax.Array,
                       {k: v * count for k, v in stats.items()}, "num_response_tokens")
 
 
-def policy_loss_fn(policy_cfg: LlamaConfig, cfg: PPOConfig, prompt_len: int) -> Callable:
+def policy_loss_fn(policy_cfg: LlamaConfig, cfg: PPOConfig) -> Callable:
     """(params, minibatch) → LossOutput: the clipped surrogate per response token (reported:
-    loss, clip_fraction, approx_kl, ratio_mean, entropy)."""
+    loss, clip_fraction, approx_kl, ratio_mean, entropy), at each row's temperature."""
     def loss_fn(params, mb):
         logp, entropy = rollout.response_logprobs(policy_cfg, params, mb["tokens"], mb["mask"],
-                                                  prompt_len, cfg.temperature)
+                                                  prompt_width(mb), mb["temperature"])
         loss, stats = rl.policy_loss(logp, mb["old_logp"], mb["advantages"],
                                      mb["response_mask"], cfg.clip)
         stats["entropy"] = rl.masked_mean(entropy, mb["response_mask"])
@@ -159,14 +258,14 @@ def policy_loss_fn(policy_cfg: LlamaConfig, cfg: PPOConfig, prompt_len: int) -> 
     return loss_fn
 
 
-def value_loss_fn(value_cfg: LlamaConfig, cfg: PPOConfig, prompt_len: int,
-                  stats: RewardStats | None = None) -> Callable:
+def value_loss_fn(value_cfg: LlamaConfig, cfg: PPOConfig, stats: RewardStats | None = None
+                  ) -> Callable:
     """(params, minibatch) → LossOutput: value_coef x the clipped value loss per response token
     (reported: loss, clip_fraction)."""
-    values_of = values_fn(value_cfg, prompt_len, stats)
+    values_of = values_fn(value_cfg, stats)
 
     def loss_fn(params, mb):
-        values = values_of(params, mb["tokens"], mb["mask"])
+        values = values_of(params, mb["tokens"], mb["mask"], prompt_width(mb))
         loss, clip_stats = rl.value_loss(values, mb["old_values"], mb["returns"],
                                          mb["response_mask"], cfg.value_clip)
         return _token_means(loss, {"clip_fraction": clip_stats["value_clip_fraction"]},
@@ -175,19 +274,24 @@ def value_loss_fn(value_cfg: LlamaConfig, cfg: PPOConfig, prompt_len: int,
 
 
 def make_update_step(policy_cfg: LlamaConfig, value_cfg: LlamaConfig, cfg: PPOConfig,
-                     prompt_len: int, policy_optimizer: Optimizer, value_optimizer: Optimizer,
-                     value_stats: RewardStats | None = None) -> Callable:
+                     policy_optimizer: Optimizer, value_optimizer: Optimizer,
+                     value_stats: RewardStats | None = None,
+                     policy_compute: Callable | None = None,
+                     value_compute: Callable | None = None) -> Callable:
     """(policy state, value state, minibatch) → (states, metrics): one clipped policy update
     and one clipped value update, each the shared train step with its (optimizer, schedule)
     (OptimizerConfig.build). Metrics: the policy's loss, grad_norm, learning_rate, ...; the
     value model's as value_loss, value_grad_norm, value_learning_rate, value_clip_fraction;
     update_finite covers both. `value_stats` puts the value head in the units of the
-    normalised rewards (see values_fn)."""
+    normalised rewards (see values_fn); `policy_compute` / `value_compute` are the setups'
+    compute_params (FSDP gathers in the compute dtype)."""
     tokens = lambda mb: mb["tokens"].size  # noqa: E731
-    policy_step = make_train_step(policy_loss_fn(policy_cfg, cfg, prompt_len),
-                                  *policy_optimizer, input_tokens=tokens)
-    value_step = make_train_step(value_loss_fn(value_cfg, cfg, prompt_len, value_stats),
-                                 *value_optimizer, input_tokens=tokens)
+    policy_step = make_train_step(policy_loss_fn(policy_cfg, cfg),
+                                  *policy_optimizer, input_tokens=tokens,
+                                  compute_params=policy_compute)
+    value_step = make_train_step(value_loss_fn(value_cfg, cfg, value_stats),
+                                 *value_optimizer, input_tokens=tokens,
+                                 compute_params=value_compute)
 
     def step(policy, value, mb):
         policy, metrics = policy_step(policy, mb)
@@ -201,16 +305,117 @@ def make_update_step(policy_cfg: LlamaConfig, value_cfg: LlamaConfig, cfg: PPOCo
     return step
 
 
-def rollout_rows(params: Any, cfg: LlamaConfig, ppo: PPOConfig, prompt_tokens: np.ndarray,
-                 prompt_mask: np.ndarray, key: jax.Array, vocab,
-                 partitioner: Partitioner | None = None) -> dict[str, np.ndarray]:
-    """One response per prompt row sampled from the policy (row r with split(key, B)[r]),
-    assembled into rollout rows (rollout.assemble)."""
-    generation = sampling.generate(
-        params, cfg, prompt_tokens, prompt_mask, key, max_new_tokens=ppo.max_new_tokens,
-        temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
-        stop_ids=(vocab.eos_id,), pad_id=vocab.pad_id, partitioner=partitioner)
-    return rollout.assemble(prompt_tokens, prompt_mask, generation)
+@dataclasses.dataclass
+class PPOPhases:
+    """An iteration's three jitted programs — rollout (decode layout), scoring, update — and
+    the one that moves the policy into the decode layout. The batch stays on the devices from
+    the rollout to the last update; the iteration reads back its metrics once, at the end.
+    aot.plan_ppo compiles these same programs."""
+    cfg: PPOConfig
+    decoder: Decoder
+    rollout: Callable  # (decode weights, prompts, iteration, settings) → rollout rows
+    scoring: Callable  # (policy, reference, value, reward, rows, beta, iteration) → ...
+    update: Callable  # (policy state, value state, batch, order, k) → (states, metrics)
+    settings: sampling.Settings  # traced scalars on the devices
+    batch_sharding: Any  # the training layout's, where scoring and update read the rows
+
+    @classmethod
+    def create(cls, policy_cfg: LlamaConfig, value_cfg: LlamaConfig, ppo: PPOConfig,
+               partitioner: Partitioner, policy_setup: ShardedTraining,
+               value_setup: ShardedTraining, reward_shardings: Any, *,
+               policy_optimizer: Optimizer, value_optimizer: Optimizer,
+               scores_of: Callable, minibatch: int, stop_ids: tuple[int, ...] | None = None,
+               pad_id: int | None = None, vocab: Any = None,
+               value_stats: RewardStats | None = None, seed: int = 0,
+               decode_layout: DecodeLayout | None = None) -> "PPOPhases":
+        decoder = Decoder.create(policy_cfg, partitioner, decode_layout)
+        host_settings = sampling.row_settings(1, ppo.temperature, ppo.top_k, ppo.top_p)
+        batch, scalar = partitioner.batch_sharding, partitioner.replicated
+        rollout_fn = decoder.partitioner.partition(
+            make_rollout_fn(policy_cfg, ppo.max_new_tokens,
+                            mode=sampling.sampling_mode(host_settings, policy_cfg.vocab_size),
+                            stop_ids=stop_ids or (vocab.eos_id,),
+                            pad_id=vocab.pad_id if pad_id is None else pad_id, seed=seed),
+            out_shardings=decoder.partitioner.batch_sharding)
+        score_fn = make_score_fn(policy_cfg, values_fn(value_cfg, value_stats), scores_of)
+        casts = (policy_setup.compute_params, policy_setup.compute_params,
+                 value_setup.compute_params,
+                 functools.partial(compute_weights, dtype=value_cfg.dtype,
+                                   shardings=reward_shardings))
+        scoring = partitioner.partition(
+            make_scoring_phase(ppo, score_fn, seed, casts),
+            in_shardings=(policy_setup.param_shardings, policy_setup.param_shardings,
+                          value_setup.param_shardings, reward_shardings, batch, scalar,
+                          scalar),
+            out_shardings=(batch, scalar, scalar, scalar, scalar))
+        update = partitioner.partition(
+            make_minibatch_update(make_update_step(
+                policy_cfg, value_cfg, ppo, policy_optimizer, value_optimizer, value_stats,
+                policy_compute=policy_setup.compute_params,
+                value_compute=value_setup.compute_params), minibatch, partitioner),
+            in_shardings=(policy_setup.shardings, value_setup.shardings, batch, scalar,
+                          scalar),
+            out_shardings=(policy_setup.shardings, value_setup.shardings, scalar),
+            donate_argnums=(0, 1))
+        settings = sampling.Settings(*(put_global(np.asarray(x[0]),
+                                                  decoder.partitioner.replicated)
+                                       for x in host_settings))
+        return cls(ppo, decoder, rollout_fn, scoring, update, settings, batch)
+
+    def iteration(self, state: PPOState, prompts: dict, reference: Any, reward: Any, *,
+                  time_phases: bool = False) -> tuple[PPOState, dict]:
+        """rollout → scoring → epochs x minibatches updates, dispatched without waiting;
+        then one read of every metric (and the non-finite check on each update)."""
+        times, began = {}, time.perf_counter()
+
+        def phase_done(name, *outputs):
+            nonlocal began
+            if time_phases:
+                jax.block_until_ready(outputs)
+                times[f"time_{name}_s"] = time.perf_counter() - began
+                began = time.perf_counter()
+
+        weights = self.decoder.weights(state.policy.params)
+        decode = self.decoder.partitioner
+        # Device to device: the prompts (and the counter) onto the decode layout's mesh, the
+        # rows back onto the training layout's.
+        inputs = jax.device_put(({k: prompts[k] for k in ("tokens", "mask")}, state.iteration),
+                                (decode.batch_sharding, decode.replicated))
+        rows = jax.device_put(self.rollout(weights, *inputs, self.settings),
+                              self.batch_sharding)
+        del weights  # the decode copy is not needed by scoring and update
+        phase_done("rollout", rows)
+        batch, metrics, beta, next_iteration, order = self.scoring(
+            state.policy.params, reference, state.value.params, reward, rows, state.kl_beta,
+            state.iteration)
+        phase_done("scoring", batch)
+        policy, value = state.policy, state.value
+        updates = []
+        for k in range(self.cfg.epochs * self.cfg.num_minibatches):
+            policy, value, update_metrics = self.update(policy, value, batch, order, k)
+            updates.append(update_metrics)
+        phase_done("update", policy, value)
+        host = jax.device_get({"iteration": metrics, "updates": updates,
+                               "index": state.iteration})  # the one host sync
+        for number, m in enumerate(host["updates"], start=1):
+            problem = non_finite_problem(m, ("loss", "grad_norm", "value_loss",
+                                             "value_grad_norm"))
+            if problem:
+                raise NonFiniteError(
+                    f"iteration {int(host['index']) + 1}, update {number} of "
+                    f"{len(updates)}: {problem}; stopped without saving this state",
+                    hint="lower policy_optimizer.learning_rate or value_optimizer."
+                         "learning_rate (--gin.LEARNING_RATE / --gin.VALUE_LEARNING_RATE), "
+                         "then rerun: training resumes from the last checkpoint")
+        mean = lambda name: float(np.mean([m[name] for m in host["updates"]]))  # noqa: E731
+        out = {name: mean(name) for name in (
+            "loss", "grad_norm", "learning_rate", "entropy", "clip_fraction", "approx_kl",
+            "value_loss", "value_grad_norm", "value_learning_rate", "value_clip_fraction")}
+        out.update({k: float(v) for k, v in host["iteration"].items()})
+        out["first_ratio_mean"] = float(host["updates"][0]["ratio_mean"])
+        if time_phases:
+            out.update(times, rollout_fraction=times["time_rollout_s"] / sum(times.values()))
+        return PPOState(policy, value, beta, next_iteration), out
 
 
 def _check_minibatches(ppo: PPOConfig, batch_size: int, partitioner: Partitioner) -> int:
@@ -237,13 +442,17 @@ def train_ppo(workdir: str, model: LlamaConfig, train_steps: int, prompts: Any, 
               value_optimizer: OptimizerConfig = OptimizerConfig(
                   learning_rate=1e-5, decay="constant", eps=1e-5),
               checkpoint_every: int = 10, keep_checkpoints: int = 3,
-              async_checkpoints: bool = True, vocabulary: Any = None, seed: int = 0) -> dict:
+              async_checkpoints: bool = True, vocabulary: Any = None, seed: int = 0,
+              decode_layout: DecodeLayout | None = None, time_phases: bool = False) -> dict:
     """Runs `train_steps` PPO iterations over batches of `prompts` (data.prompts_data.
     PromptsData, bound to the policy's vocabulary) into WORKDIR/<stage>/; exports the policy to
     final/ and the value model to final_value/ (each with the tokenizer). The policy and the
     reference start from policy_dir (reference_dir to differ), the value model from value_dir
     (an RM, or an LM trunk with a fresh head; default: the reward model). `vocabulary`
-    overrides the one policy_dir records; the reward and value models must read the same."""
+    overrides the one policy_dir records; the reward and value models must read the same.
+    `decode_layout`: how the policy is split while it samples (decoding.py); `time_phases`
+    waits for each phase to report its wall time (time_rollout_s, ...; one host sync per
+    phase instead of one per iteration)."""
     partitioner = partitioner or Partitioner()
     start = Start.policy(model, policy_dir, vocabulary or getattr(prompts, "vocabulary", None))
     vocab, policy_cfg = start.vocabulary, start.config
@@ -270,10 +479,6 @@ def train_ppo(workdir: str, model: LlamaConfig, train_steps: int, prompts: Any, 
                 "value_optimizer": value_optimizer, "seed": seed}
 
     def body(stage_dir: str) -> dict:
-        if jax.process_count() > 1:
-            raise ConfigError("PPO runs on one host for now (rollouts gather the prompt batch "
-                              "on the host)", hint="run one process and shard over its local "
-                                                   "devices")
         updates = train_steps * ppo.epochs * ppo.num_minibatches
         policy_tx, value_tx = policy_optimizer.build(updates), value_optimizer.build(updates)
         policy_setup = ShardedTraining.create(LM, policy_cfg, partitioner, policy_tx[0], seed)
@@ -294,102 +499,16 @@ def train_ppo(workdir: str, model: LlamaConfig, train_steps: int, prompts: Any, 
                 jax.device_put(jnp.float32(ppo.kl_coef), scalar),
                 jax.device_put(jnp.int32(0), scalar))
 
-        batch = partitioner.batch_sharding
-        prompt_len = prompts.max_prompt_len
-        score_fn = partitioner.partition(
-            make_score_fn(policy_cfg, prompt_len, ppo.temperature,
-                          values_fn(value.config, prompt_len, value_stats), scorer.apply),
-            in_shardings=(policy_setup.param_shardings, policy_setup.param_shardings,
-                          value_setup.param_shardings, scorer.shardings, batch),
-            out_shardings=batch)
-        advantages_fn = jax.jit(lambda *args: advantages(ppo, *args))
-        update = partitioner.partition(
-            make_update_step(policy_cfg, value.config, ppo, prompt_len, policy_tx, value_tx,
-                             value_stats),
-            in_shardings=(policy_setup.shardings, value_setup.shardings, batch),
-            out_shardings=(policy_setup.shardings, value_setup.shardings, scalar),
-            donate_argnums=(0, 1))
+        phases = PPOPhases.create(policy_cfg, value.config, ppo, partitioner,
+                                  policy_setup, value_setup, scorer.shardings,
+                                  policy_optimizer=policy_tx, value_optimizer=value_tx,
+                                  scores_of=scorer.apply, value_stats=value_stats,
+                                  minibatch=minibatch, vocab=vocab, seed=seed,
+                                  decode_layout=decode_layout)
 
         def iteration(state: PPOState, prompt_batch) -> tuple[PPOState, dict]:
-            times = {}
-            began = time.perf_counter()
-            prompt_tokens = np.asarray(prompt_batch["tokens"])
-            prompt_mask = np.asarray(prompt_batch["mask"])
-            key = jax.random.fold_in(jax.random.key(seed), int(state.iteration))
-            rows = rollout_rows(state.policy.params, policy_cfg, ppo, prompt_tokens,
-                                prompt_mask, key, vocab, partitioner)
-            times["time_rollout_s"] = time.perf_counter() - began
-
-            began = time.perf_counter()
-            sharded = partitioner.shard_batch({k: rows[k] for k in ("tokens", "mask")})
-            (logp, entropy), ref_logp, values, scores = score_fn(
-                state.policy.params, reference_params, state.value.params, scorer.params,
-                sharded)
-            computed = advantages_fn(scores, rows["finished"], logp, ref_logp, values,
-                                     rows["response_mask"], state.kl_beta)
-            computed = jax.block_until_ready(computed)
-            times["time_scoring_s"] = time.perf_counter() - began
-
-            began = time.perf_counter()
-            rows.update(old_logp=logp, old_values=values, advantages=computed["advantages"],
-                        returns=computed["returns"])
-            host = {k: np.asarray(v) for k, v in rows.items()
-                    if k in ("tokens", "mask", "response_mask", "old_logp",
-                             "old_values", "advantages", "returns")}
-            policy, value_state = state.policy, state.value
-            update_metrics = []
-            order_key = np.random.default_rng([seed, int(state.iteration)])
-            for _ in range(ppo.epochs):
-                order = order_key.permutation(prompts.batch_size)
-                for m in range(ppo.num_minibatches):
-                    picked = order[m * minibatch:(m + 1) * minibatch]
-                    policy, value_state, metrics = update(
-                        policy, value_state,
-                        partitioner.shard_batch({k: v[picked] for k, v in host.items()}))
-                    update_metrics.append(metrics)
-            update_metrics = jax.device_get(update_metrics)
-            times["time_update_s"] = time.perf_counter() - began
-            for number, m in enumerate(update_metrics, start=1):
-                problem = non_finite_problem(m, ("loss", "grad_norm", "value_loss",
-                                                 "value_grad_norm"))
-                if problem:
-                    raise NonFiniteError(
-                        f"iteration {int(state.iteration) + 1}, update {number} of "
-                        f"{len(update_metrics)}: {problem}; stopped without saving this state",
-                        hint="lower policy_optimizer.learning_rate or value_optimizer."
-                             "learning_rate (--gin.LEARNING_RATE / --gin.VALUE_LEARNING_RATE), "
-                             "then rerun: training resumes from the last checkpoint")
-
-            response_mask = rows["response_mask"].astype(np.float32)
-            kl = float(computed["kl_k1"])
-            beta = float(state.kl_beta)
-            new_beta = rl.adaptive_kl_beta(beta, kl, prompts.batch_size, ppo.kl_target,
-                                           ppo.kl_horizon) if ppo.adaptive_kl else beta
-            mean = lambda name: float(np.mean([m[name] for m in update_metrics]))  # noqa: E731
-            total = sum(times.values())
-            metrics = {
-                **{name: mean(name) for name in (
-                    "loss", "grad_norm", "learning_rate", "entropy", "clip_fraction",
-                    "approx_kl", "value_loss", "value_grad_norm", "value_learning_rate",
-                    "value_clip_fraction")},
-                "num_input_tokens": float(rows["mask"].sum()),
-                "score": float(np.mean(np.asarray(scores))),
-                "score_with_eos_penalty": float(np.mean(np.asarray(computed["scores"]))),
-                "kl": kl, "kl_k3": float(computed["kl_k3"]), "kl_beta": beta,
-                "non_score_reward": float(computed["non_score_reward"]),
-                "first_ratio_mean": float(update_metrics[0]["ratio_mean"]),
-                "explained_variance": float(rl.explained_variance(
-                    np.asarray(values), np.asarray(computed["returns"]), response_mask)),
-                "response_length": float(response_mask.sum(axis=1).mean()),
-                "no_eos_fraction": float(1.0 - rows["finished"].mean()),
-                "sampler_logprob_gap": float(np.abs(
-                    (rows["sampler_logprobs"] - np.asarray(logp)) * response_mask).sum()
-                    / max(response_mask.sum(), 1.0)),
-                **times, "rollout_fraction": times["time_rollout_s"] / total}
-            new_state = PPOState(policy, value_state,
-                                 jax.device_put(jnp.float32(new_beta), scalar),
-                                 jax.device_put(jnp.int32(int(state.iteration) + 1), scalar))
-            return new_state, metrics
+            return phases.iteration(state, prompt_batch, reference_params, scorer.params,
+                                    time_phases=time_phases)
 
         state, summary = train_loop(
             stage_dir=stage_dir, num_steps=train_steps, partitioner=partitioner,

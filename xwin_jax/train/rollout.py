@@ -22,30 +22,34 @@ from xwin_jax.models.llama import Llama, positions_from_mask
 from xwin_jax.sampling import Generation
 
 
-def assemble(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, generation: Generation
-             ) -> dict[str, np.ndarray]:
+def assemble(prompt_tokens, prompt_mask, generation: Generation) -> dict:
     """tokens/mask [B, P + T], response_mask [B, T] (1 through EOS), finished [B], and the
-    sampler's log-probs [B, T]."""
+    sampler's log-probs [B, T]. Host arrays in, host arrays out; jax arrays (inside jit, the
+    PPO rollout) in, jax arrays out."""
+    xp = np if isinstance(generation.tokens, np.ndarray) else jnp
     width = generation.tokens.shape[1]
-    response_mask = (np.arange(width)[None, :] < generation.lengths[:, None]).astype(np.int32)
-    return {"tokens": np.concatenate([prompt_tokens, generation.tokens], axis=1).astype(np.int32),
-            "mask": np.concatenate([prompt_mask, response_mask], axis=1).astype(np.int32),
+    response_mask = (xp.arange(width)[None, :] < generation.lengths[:, None]).astype(xp.int32)
+    return {"tokens": xp.concatenate([xp.asarray(prompt_tokens, xp.int32),
+                                      generation.tokens.astype(xp.int32)], axis=1),
+            "mask": xp.concatenate([xp.asarray(prompt_mask, xp.int32), response_mask], axis=1),
             "response_mask": response_mask,
             "finished": generation.finished.astype(bool),
-            "sampler_logprobs": generation.logprobs.astype(np.float32)}
+            "sampler_logprobs": generation.logprobs.astype(xp.float32)}
 
 
 def response_logprobs(cfg: LlamaConfig, params: Any, tokens: jax.Array, mask: jax.Array,
-                      prompt_len: int, temperature: float = 1.0
-                      ) -> tuple[jax.Array, jax.Array]:
+                      prompt_len: int, temperature=1.0) -> tuple[jax.Array, jax.Array]:
     """(log p [B, T] of each response token, entropy [B, T]) under softmax(logits /
-    temperature): the distribution the sampler drew from (without top-k/top-p)."""
+    temperature): the distribution the sampler drew from (without top-k/top-p).
+    `temperature` is a scalar or one traced value per row [B]."""
     model = Llama(cfg)
     mask = mask.astype(jnp.int32)
     hidden = model.apply({"params": params}, tokens, positions=positions_from_mask(mask),
                          segment_ids=mask, return_hidden=True)
     logits = model.apply({"params": params}, hidden[:, prompt_len - 1:-1],
                          method=Llama.logits_from_hidden)
+    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32),
+                                   tokens.shape[:1])[:, None, None]
     logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     logp = jnp.take_along_axis(logp_all, tokens[:, prompt_len:, None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)

@@ -8,7 +8,7 @@ compute_params) and without (before: the fp32 master weights, cast inside each l
 Compiles only (nothing is allocated or run) for --devices simulated CPU devices, with the
 stages' own pieces (ShardedTraining, the stage's loss, make_train_step, partition_step; the
 DPO reference pass is dpo.pair_logprobs under partition_eval), and counts the bytes of every
-all-gather, reduce-scatter and all-reduce by dtype (bench/common.collective_bytes) in two
+all-gather, reduce-scatter and all-reduce by dtype (xwin_jax/hlo.py: collective_bytes) in two
 texts of the same compile:
 
   partitioned: the module right after SPMD partitioning, before any backend pass — the
@@ -27,15 +27,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import shutil
 import sys
-import tempfile
 import time
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-PARTITIONED_PASS = "spmd-partitioning"
 KINDS = ("sft", "reward", "dpo", "dpo_reference")
 OPS = ("all-gather", "reduce-scatter", "all-reduce")
 GIB = 2 ** 30
@@ -57,25 +53,6 @@ def parse_args(argv=None):
     parser.add_argument("--scan_layers", action="store_true",
                         help="keep the layers in a scan (its body then counts once)")
     return parser.parse_args(argv)
-
-
-def partitioned_hlo(lowered) -> tuple[str, Any]:
-    """(the module's text right after SPMD partitioning, the compiled executable) of one
-    compile of a jax `Lowered`; the text comes from XLA's pass dump, in a temporary
-    directory. `compiled.as_text()` is the backend's final module."""
-    dump = tempfile.mkdtemp(prefix="fsdp_gathers_")
-    try:
-        compiled = lowered.compile(compiler_options={
-            "xla_dump_to": dump, "xla_dump_hlo_as_text": True,
-            "xla_dump_hlo_pass_re": PARTITIONED_PASS})
-        names = sorted(n for n in os.listdir(dump)
-                       if f"after_{PARTITIONED_PASS}." in n and n.endswith(".txt"))
-        if not names:
-            raise RuntimeError(f"XLA dumped no module after {PARTITIONED_PASS} in {dump}")
-        with open(os.path.join(dump, names[-1])) as f:
-            return f.read(), compiled
-    finally:
-        shutil.rmtree(dump, ignore_errors=True)
 
 
 def _abstract(shape, dtype, sharding):
@@ -155,7 +132,8 @@ def main(argv=None):
     import jax
 
     from aot_memory import parse_mesh
-    from common import collective_bytes
+    from xwin_jax import hlo
+    from xwin_jax.hlo import collective_bytes
     from xwin_jax.models.config import preset
     from xwin_jax.partitioning import Partitioner
 
@@ -180,7 +158,7 @@ def main(argv=None):
                                 args.logits_chunk or None)
         counts = {}
         for name, low in lowered.items():
-            partitioned, compiled = partitioned_hlo(low)
+            partitioned, compiled = hlo.partitioned_hlo(low)
             counts[name] = {"partitioned": collective_bytes(partitioned),
                             "cpu final": collective_bytes(compiled.as_text())}
         for text in ("partitioned", "cpu final"):

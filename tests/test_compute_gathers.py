@@ -6,9 +6,7 @@ What the gathers are is read from the module right after SPMD partitioning
 bf16 collective to f32 (it has none), so it shows f32 whatever the program asks for.
 """
 
-import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +22,7 @@ from xwin_jax.train import state as train_state
 from xwin_jax.train.sharded import ShardedTraining
 from xwin_jax.train.step import make_train_step
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
-from common import collective_bytes  # noqa: E402
-from fsdp_gathers import partitioned_hlo  # noqa: E402
+from xwin_jax.hlo import collective_bytes, partitioned_hlo
 
 # Small enough to compile quickly for 8 devices; every weight's embed axis shards 8 ways.
 CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1,

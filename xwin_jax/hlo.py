@@ -21,8 +21,11 @@ A computation reached along several call paths is listed once per path.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
-from typing import Iterable
+import shutil
+import tempfile
+from typing import Any, Iterable
 
 DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
                "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -261,3 +264,27 @@ def collective_bytes(hlo_text: str, inside_loops: bool = False) -> dict[str, dic
             by_dtype = totals.setdefault(c.op, {})
             by_dtype[dtype] = by_dtype.get(dtype, 0) + n
     return totals
+
+
+# The module right after SPMD partitioning: what the partitioner asks an accelerator to move
+# (XLA:CPU widens bf16 collectives to f32 after it).
+PARTITIONED_PASS = "spmd-partitioning"
+
+
+def partitioned_hlo(lowered) -> tuple[str, Any]:
+    """(the module's text right after SPMD partitioning, the compiled executable) of one
+    compile of a jax `Lowered`; the text comes from XLA's pass dump, in a temporary
+    directory. `compiled.as_text()` is the backend's final module."""
+    dump = tempfile.mkdtemp(prefix="fsdp_gathers_")
+    try:
+        compiled = lowered.compile(compiler_options={
+            "xla_dump_to": dump, "xla_dump_hlo_as_text": True,
+            "xla_dump_hlo_pass_re": PARTITIONED_PASS})
+        names = sorted(n for n in os.listdir(dump)
+                       if f"after_{PARTITIONED_PASS}." in n and n.endswith(".txt"))
+        if not names:
+            raise RuntimeError(f"XLA dumped no module after {PARTITIONED_PASS} in {dump}")
+        with open(os.path.join(dump, names[-1])) as f:
+            return f.read(), compiled
+    finally:
+        shutil.rmtree(dump, ignore_errors=True)

@@ -179,7 +179,8 @@ def test_pairs_and_prompts_fingerprints(suite, tmp_path, kind):
     assert base == {"type": "PairsData" if kind == "pairs" else "PromptsData",
                     "files": [fingerprint.file_identity(suite[key])], length: base[length],
                     "batch_size": 4, "seed": 1, "system": None, "skip_invalid": False,
-                    "vocabulary": ByteVocabulary().fingerprint()}
+                    "vocabulary": ByteVocabulary().fingerprint(),
+                    **({} if kind == "pairs" else {"bucket_multiple": 64})}
     assert CASES[kind]({**suite, key: str(moved)}, vocabulary="bytes").fingerprint() == base
     assert fingerprint.changes(base, CASES[kind](suite, vocabulary="bytes",
                                                  seed=2).fingerprint()) == ["seed: 1 → 2"]

@@ -73,6 +73,21 @@ def test_decode_layout_generates_the_training_layouts_greedy_tokens(mesh, dtype)
                                atol=1e-4 if dtype == "float32" else 5e-2)
 
 
+def test_the_reshard_accepts_a_training_mesh_in_topology_order():
+    """A TPU mesh lists its devices in a ring order, not by id; the decode mesh is by
+    (process, id). The move between them is a device_put, which any order allows."""
+    devices = jax.devices()
+    part = Partitioner({"fsdp": 8}, devices=[devices[i] for i in (0, 2, 1, 3, 7, 6, 5, 4)])
+    params = jax.device_put(_host_params(), spec(LM).shardings(CFG, part))
+    tokens, mask = _prompts()
+    before = sampling.generate(params, CFG, tokens, mask, jax.random.key(0),
+                               max_new_tokens=NEW, stop_ids=(-1,), partitioner=part)
+    decoder = Decoder.create(CFG, part)
+    after = decoder.generate(decoder.weights(params), tokens, mask, jax.random.key(0),
+                             max_new_tokens=NEW, stop_ids=(-1,))
+    np.testing.assert_array_equal(after.tokens, before.tokens)
+
+
 def _compiled_generate(params, cfg, part):
     """sampling.generate's real program, lowered with its inputs placed by `part` as
     sampling.generate places them, and compiled."""

@@ -51,11 +51,13 @@ class Decoder:
         return cls(cfg, decode, spec(LM).shardings(cfg, decode))
 
     def weights(self, params: Any) -> Any:
-        """Params in any layout (the training one) → this layout, in the compute dtype."""
-        if not hasattr(self, "_reshard"):
-            self._reshard = jax.jit(lambda p: compute_weights(p, self.cfg.dtype),
-                                    out_shardings=self.shardings)
-        return self._reshard(params)
+        """Params in any layout (the training one) → this layout, in the compute dtype: cast
+        where they are (each shard on its device, an elementwise program that keeps the
+        layout), then moved device to device (device_put reshards between meshes whatever
+        their device order; jit would refuse a TPU mesh's topology order)."""
+        if not hasattr(self, "_cast"):
+            self._cast = jax.jit(lambda p: compute_weights(p, self.cfg.dtype))
+        return jax.device_put(self._cast(params), self.shardings)
 
     def abstract_weights(self) -> Any:
         """ShapeDtypeStructs of weights() with their shardings (for AOT plans)."""

@@ -37,7 +37,7 @@ from xwin_jax.data import converters, formats
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.spec import LM
 from xwin_jax.decoding import DecodeLayout, Decoder
-from xwin_jax.partitioning import Partitioner, sync_hosts
+from xwin_jax.partitioning import Partitioner, check_same_on_hosts, sync_hosts
 from xwin_jax.train.sharded import Start, frozen_params
 from xwin_jax.train.stage import run_stage, write_json
 
@@ -86,6 +86,7 @@ def _generate(stage_dir: str, prompts: list[formats.Prompt], dataset: str, start
     outputs_path = os.path.join(stage_dir, OUTPUTS_FILE)
     vocab, cfg = start.vocabulary, start.config
     done = read_done(outputs_path)
+    check_same_on_hosts(list(done), f"the prompts already in {outputs_path}")
     sync_hosts("generate: outputs read")  # before host 0 appends to them
     pending = [i for i in range(len(prompts)) if i not in done]
     began, new_tokens = time.perf_counter(), 0
@@ -137,7 +138,7 @@ def _generate(stage_dir: str, prompts: list[formats.Prompt], dataset: str, start
     return {"prompts": len(prompts), "generated_now": len(pending), "new_tokens": new_tokens,
             "seconds": round(elapsed, 2),
             "new_tokens_per_s": new_tokens / elapsed if pending else None,
-            "outputs": outputs_path}
+            "decode_mesh": dict(decoder.partitioner.sizes), "outputs": outputs_path}
 
 
 def load_outputs(output_dir: str) -> list[dict[str, Any]]:

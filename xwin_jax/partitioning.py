@@ -264,6 +264,25 @@ def sync_hosts(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def check_same_on_hosts(values: Sequence[int], what: str) -> None:
+    """Raises on every host when the hosts disagree on `values` (e.g. the prompt indices a
+    resumed job found done: a shared filesystem that shows a host a stale file would
+    otherwise send the hosts into different batches, and a collective would hang)."""
+    if jax.process_count() == 1:
+        return
+    import zlib
+
+    from jax.experimental import multihost_utils
+    digest = np.asarray([zlib.crc32(np.asarray(sorted(values), np.int64).tobytes()),
+                         len(values)], np.int64)
+    seen = np.asarray(multihost_utils.process_allgather(digest))
+    if not (seen == seen[0]).all():
+        raise ConfigError(f"the hosts disagree on {what} (host {jax.process_index()} sees "
+                          f"{len(values)}; per host: {seen[:, 1].tolist()})",
+                          hint="the work directory must be one shared filesystem that every "
+                               "host sees up to date (no stale metadata cache)")
+
+
 class PartitionedFunction:
     """A jitted function whose tracing sees the partitioner's mesh and logical rules."""
 

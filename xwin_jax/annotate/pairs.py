@@ -75,13 +75,15 @@ def on_host_zero(path: str, fn: Callable[[], Any]) -> Any:
     if jax.process_index() == 0:
         try:
             outcome = {"result": fn()}
-        except Exception as err:
-            write_json(path, {"error": type(err).__name__, "message": str(err),
-                              "hint": getattr(err, "hint", None),
-                              "user_error": isinstance(err, UserError)})
-            sync_hosts(barrier)  # the other hosts raise it too
+            write_json(path, outcome)
+        except BaseException as err:  # SIGTERM / ^C too: the other hosts must not wait
+            try:
+                write_json(path, {"error": type(err).__name__, "message": str(err),
+                                  "hint": getattr(err, "hint", None),
+                                  "user_error": isinstance(err, UserError)})
+            finally:
+                sync_hosts(barrier)  # the other hosts raise it too
             raise
-        write_json(path, outcome)
     sync_hosts(barrier)
     outcome = read_json(path)
     if "error" in outcome:

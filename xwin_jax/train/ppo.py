@@ -329,6 +329,12 @@ class PPOPhases:
                value_stats: RewardStats | None = None, seed: int = 0,
                decode_layout: DecodeLayout | None = None) -> "PPOPhases":
         decoder = Decoder.create(policy_cfg, partitioner, decode_layout)
+        batch_size, divisor = minibatch * ppo.num_minibatches, decoder.partitioner.batch_divisor
+        if batch_size % divisor:
+            raise ConfigError(f"BATCH_SIZE={batch_size} does not divide over the {divisor} "
+                              f"copies of the decode layout {decoder.partitioner.sizes}",
+                              hint=f"use a multiple of {divisor}, or set "
+                                   f"--gin.decoding.DecodeLayout.tensor")
         host_settings = sampling.row_settings(1, ppo.temperature, ppo.top_k, ppo.top_p)
         batch, scalar = partitioner.batch_sharding, partitioner.replicated
         rollout_fn = decoder.partitioner.partition(

@@ -57,7 +57,7 @@ from xwin_jax.errors import ConfigError
 from xwin_jax.generate import read_done
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.spec import LM, check_context
-from xwin_jax.partitioning import Partitioner, sync_hosts
+from xwin_jax.partitioning import Partitioner, check_same_on_hosts, sync_hosts
 from xwin_jax.rewards import RewardScorer, open_reward
 from xwin_jax.train import rollout
 from xwin_jax.train.sft import fit
@@ -136,6 +136,7 @@ def sample_prompts(stage_dir: str, prompts: list[formats.Prompt], policy: Start,
     vocab = policy.vocabulary
     samples_path = os.path.join(stage_dir, SAMPLES_FILE)
     done = read_done(samples_path)
+    check_same_on_hosts(list(done), f"the prompts already in {samples_path}")
     sync_hosts("rejection: samples read")  # before host 0 appends to them
     ids = [converters.prompt_ids(p.conversation, vocab, max_prompt_len, system)
            for p in prompts]

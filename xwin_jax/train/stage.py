@@ -68,6 +68,7 @@ def write_summary(stage_dir: str, summary: dict) -> str:
 
 
 def _clear(stage_dir: str, name: str) -> None:
+    sync_hosts(f"clear {name}: read")  # every host has read the old fingerprint
     if jax.process_index() == 0:
         shutil.rmtree(stage_dir)
         os.makedirs(stage_dir)

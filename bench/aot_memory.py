@@ -41,7 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--minibatches", type=int, default=4, help="PPO minibatches per batch")
     parser.add_argument("--decode_tensor", type=int, default=0,
                         help="PPO rollout: devices each weight is split over (decoding."
-                             "DecodeLayout.tensor; 0 = every simulated device, one host)")
+                             "DecodeLayout.tensor; 0 = the simulated devices capped to a divisor "
+                             "of the KV heads, as the jobs do)")
     parser.add_argument("--micro_batches", type=int, default=1, help="SFT gradient accumulation")
     parser.add_argument("--unpacked", action="store_true",
                         help="SFT rows without segment_ids/positions (the SFT data packs them)")

@@ -207,6 +207,17 @@ def test_decoding_mesh_defaults_to_every_device_of_the_host():
         part.decoding(3)
 
 
+def test_the_default_tensor_divides_the_kv_heads():
+    """tensor=0 is this host's devices capped to a divisor of the KV heads: 2 KV heads on 8
+    devices decode at tensor 2 over 4 copies, so the K/V projections split too."""
+    decoder = Decoder.create(CFG.replace(num_kv_heads=2), Partitioner({"fsdp": 8}))
+    assert decoder.partitioner.sizes == {"data": 4, "fsdp": 1, "tensor": 2}
+    k_proj = decoder.shardings["layers"]["attention"]["k_proj"]["kernel"].spec
+    assert "tensor" in tuple(k_proj)
+    assert Decoder.create(CFG.replace(num_kv_heads=2), Partitioner({"fsdp": 8}),
+                          DecodeLayout(8)).partitioner.sizes["tensor"] == 8
+
+
 def test_decode_layout_weights_are_in_the_compute_dtype_split_along_wide_axes():
     cfg = CFG.replace(dtype="bfloat16")
     decoder = Decoder.create(cfg, Partitioner({"fsdp": 8}))

@@ -12,8 +12,10 @@ moves activations only (an all-reduce of [B, 1, embed] per projection pair), nev
 The copy is in the compute dtype: per device it costs (parameters x 2 bytes for bf16) /
 tensor, on top of the training layout's shards (README, "What fits where").
 
-tensor=0 means this host's device count: tensor parallelism stays inside a host (fast links)
-and each host decodes its own rows. Set `decoding.DecodeLayout.tensor` lower to trade memory
+tensor=0 means this host's device count, capped to a divisor of the KV heads (8 for Llama-2
+70B; a tiny model with 2 KV heads on 8 devices decodes at tensor 2 over 4 copies): tensor
+parallelism stays inside a host (fast links), each host decodes its own rows, and the KV cache
+splits with the heads. Set `decoding.DecodeLayout.tensor` lower to trade memory
 for fewer collectives, or to match another run's layout exactly (tensor-parallel matmuls sum in
 another order, so a different `tensor` can change a sampled token where two logits tie to
 rounding).
@@ -22,6 +24,7 @@ rounding).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -47,7 +50,14 @@ class Decoder:
     @classmethod
     def create(cls, cfg: LlamaConfig, training: Partitioner,
                layout: DecodeLayout | None = None) -> "Decoder":
-        decode = training.decoding((layout or DecodeLayout()).tensor)
+        """The decode layout for `cfg` on the training partitioner's devices. tensor=0: this
+        host's devices, capped to a divisor of the KV heads (gcd), so that the K/V
+        projections and the KV cache split too instead of staying whole on every device."""
+        tensor = (layout or DecodeLayout()).tensor
+        if not tensor:
+            here = sum(d.process_index == jax.process_index() for d in training.mesh.devices.flat)
+            tensor = math.gcd(here, cfg.num_kv_heads)
+        decode = training.decoding(tensor)
         return cls(cfg, decode, spec(LM).shardings(cfg, decode))
 
     def weights(self, params: Any) -> Any:

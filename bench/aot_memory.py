@@ -67,23 +67,34 @@ def parse_mesh(text: str) -> dict[str, int]:
                          f"({err})") from None
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def simulate_devices(count: int) -> None:
+    """Before jax is imported: `count` simulated CPU devices (compile-only plans)."""
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}")
+                               f" --xla_force_host_platform_device_count={count}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def config_from_args(args, **overrides):
+    """The preset of --preset with --remat, --dtype, --param_dtype and --num_layers."""
+    from xwin_jax.models.config import preset
+
+    overrides.update(remat_policy=args.remat, dtype=args.dtype, param_dtype=args.param_dtype)
+    if args.num_layers:
+        overrides["num_layers"] = args.num_layers
+    return preset(args.preset, **overrides)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    simulate_devices(args.devices)
     import jax
 
     from xwin_jax import aot
     from xwin_jax.decoding import DecodeLayout
-    from xwin_jax.models.config import preset
     from xwin_jax.partitioning import Partitioner
 
-    overrides = dict(remat_policy=args.remat, dtype=args.dtype, param_dtype=args.param_dtype)
-    if args.num_layers:
-        overrides["num_layers"] = args.num_layers
-    cfg = preset(args.preset, **overrides)
+    cfg = config_from_args(args)
     partitioner = Partitioner(parse_mesh(args.mesh))
     steps = aot.STEPS if args.step == "all" else (args.step,)
     failed = 0

@@ -125,24 +125,14 @@ def _by_dtype(counts: dict[str, int]) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from aot_memory import config_from_args, parse_mesh, simulate_devices
+    simulate_devices(args.devices)
     import jax
 
-    from aot_memory import parse_mesh
     from xwin_jax import hlo
-    from xwin_jax.hlo import collective_bytes
-    from xwin_jax.models.config import preset
     from xwin_jax.partitioning import Partitioner
 
-    overrides = dict(remat_policy=args.remat, dtype=args.dtype, param_dtype=args.param_dtype)
-    if args.num_layers:
-        overrides["num_layers"] = args.num_layers
-    if not args.scan_layers:
-        overrides["scan_layers"] = False
-    cfg = preset(args.preset, **overrides)
+    cfg = config_from_args(args, **({} if args.scan_layers else {"scan_layers": False}))
     partitioner = Partitioner(parse_mesh(args.mesh))
     print(f"{datetime.date.today()} jax {jax.__version__}, {jax.device_count()} x "
           f"{jax.devices()[0].device_kind}; {args.preset} {cfg.num_layers} layers "
@@ -159,8 +149,8 @@ def main(argv=None):
         counts = {}
         for name, low in lowered.items():
             partitioned, compiled = hlo.partitioned_hlo(low)
-            counts[name] = {"partitioned": collective_bytes(partitioned),
-                            "cpu final": collective_bytes(compiled.as_text())}
+            counts[name] = {"partitioned": hlo.collective_bytes(partitioned),
+                            "cpu final": hlo.collective_bytes(compiled.as_text())}
         for text in ("partitioned", "cpu final"):
             gathers = {name: sum(counts[name][text].get("all-gather", {}).values())
                        for name in counts}

@@ -46,8 +46,13 @@ def test_every_aligned_stage_beats_sft_on_the_held_out_judge_score(quickstart):
 def test_report_model_stage_and_resume(quickstart, capsys):
     workdir, bindings, results = quickstart
     report = open(os.path.join(workdir, "report.md")).read()
-    for stage in ("| sft |", "| reward |", "| rejection |", "| ppo |", "| dpo |"):
+    for stage in ("| sft |", "| reward |", "| rejection |", "| ppo |",
+                  "| dpo (Xwin-Set, rejected: lowest) |"):
         assert stage in report
+    dpo_pairs = results["dpo"]["train_data"]  # DPO on Xwin-Set: a pair per usable prompt
+    assert dpo_pairs["rejected_rule"] == "lowest"
+    assert dpo_pairs["pairs"] + sum(dpo_pairs["prompts_skipped"].values()) == 192
+    assert "DPO on Xwin-Set:" in report
     for plot in ("loss_curves.png", "ppo.png"):
         assert os.path.getsize(os.path.join(workdir, plot)) > 1000
     model = results["model"]

@@ -11,7 +11,7 @@ import pytest
 
 from xwin_jax import jobs
 from xwin_jax.checkpoints.params import load_params, save_params
-from xwin_jax.data import formats
+from xwin_jax.data import formats, xwin_set
 from xwin_jax.data.vocabulary import ByteVocabulary, load_vocabulary
 from xwin_jax.models import heads, llama
 from xwin_jax.partitioning import Partitioner
@@ -22,12 +22,19 @@ from xwin_jax.train.state import OptimizerConfig
 CFG = llama.preset("tiny", hidden_size=32, intermediate_size=64, num_layers=1)
 
 
-def test_best_index_skips_unfinished_and_applies_the_threshold():
-    scores = np.array([0.5, 2.0, 1.0])
-    assert rejection.best_index(scores, np.array([True, True, True]), None) == 1
-    assert rejection.best_index(scores, np.array([True, False, True]), None) == 2
-    assert rejection.best_index(scores, np.array([True, False, True]), 1.5) is None
-    assert rejection.best_index(scores, np.array([False, False, False]), None) is None
+def _entry(scores, finished, responses=None):
+    responses = responses or [f"answer {i}" for i in range(len(scores))]
+    return formats.XwinSetEntry(0, formats.Conversation((formats.Message("user", "Hi."),)),
+                                tuple(responses), tuple(scores), tuple(finished))
+
+
+def test_best_of_skips_unfinished_and_applies_the_threshold():
+    scores = [0.5, 2.0, 1.0]
+    assert xwin_set.best_of(_entry(scores, [True, True, True])) == 1
+    assert xwin_set.best_of(_entry(scores, [True, False, True])) == 2
+    assert xwin_set.best_of(_entry(scores, [True, False, True]), threshold=1.5) is None
+    assert xwin_set.best_of(_entry(scores, [False, False, False])) is None
+    assert xwin_set.best_of(_entry(scores, [True, True, True]), k=1) == 0  # the first only
 
 
 def test_an_empty_answer_is_never_the_winner(tmp_path):
@@ -141,6 +148,22 @@ def test_only_what_changed_runs_again(inputs, finished, tmp_path, capsys):
         train(inputs, tmp_path, learning_rate=2e-3)
     with pytest.raises(ValueError, match="above the threshold"):
         train(inputs, tmp_path, threshold=1e9)
+    # Best-of-3 from the same 4 samples: the samples stage is reused, the winners are the
+    # best of each prompt's first three.
+    capsys.readouterr()
+    three = train(inputs, tmp_path, stage="rejection_k3", best_of=3)
+    assert "[xwin_set] already finished" in capsys.readouterr().out
+    assert samples.stat().st_mtime_ns == drawn and three["selection"]["best_of"] == 3
+    drawn_records = records(samples)
+    usable = [[f and bool(t.strip()) for f, t in zip(r["finished"][:3], r["responses"][:3])]
+              for r in drawn_records]
+    expected = [r["responses"][int(np.argmax(np.where(u, r["scores"][:3], -np.inf)))]
+                for r, u in zip(drawn_records, usable) if any(u)]
+    assert len(expected) == three["selection"]["kept"] >= 2
+    assert [w["conversations"][-1]["value"] for w in records(
+        tmp_path / "xwin_set" / "best_of_3.jsonl")] == expected
+    with pytest.raises(ValueError, match="best_of=5: choose k in 1..num_samples"):
+        train(inputs, tmp_path, best_of=5)
     # With overwrite only the fine-tune runs again: the samples stay as they were drawn.
     again = jobs.run(lambda: train(inputs, tmp_path, learning_rate=2e-3), None, overwrite=True)
     assert again["fingerprint"] != summary["fingerprint"]
@@ -211,3 +234,27 @@ def test_length_buckets_sample_what_full_width_rows_sample_and_resume_exactly(in
     path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])
     rejection.sample_prompts(str(stage), prompts, policy, str(inputs / "rm"), CFG, **settings)
     assert path.read_text().splitlines() == lines
+
+
+def test_the_first_k_of_n_samples_are_what_a_k_sample_run_draws(inputs, tmp_path):
+    """Per-(prompt, sample) keys: sample j does not depend on n, so best-of-k for every
+    k <= n comes from one sampling run."""
+    from xwin_jax.train.sharded import Start
+
+    prompts = formats.read_prompts(str(inputs / "prompts.jsonl")).records[:3]
+    policy = Start.policy(CFG, str(inputs / "policy"))
+    drawn = {}
+    for n in (2, 3):
+        stage = tmp_path / f"n{n}"
+        stage.mkdir()
+        rejection.sample_prompts(
+            str(stage), prompts, policy, str(inputs / "rm"), CFG,
+            partitioner=Partitioner({"data": 1, "fsdp": 2, "tensor": 1}), num_samples=n,
+            batch_size=4, max_new_tokens=8, temperature=0.7, top_k=0, top_p=1.0,
+            max_prompt_len=128, system=None, seed=0)
+        drawn[n] = {r["index"]: r for r in records(stage / rejection.SAMPLES_FILE)}
+    for index, few in drawn[2].items():
+        many = drawn[3][index]
+        assert few["responses"] == many["responses"][:2]
+        assert few["finished"] == many["finished"][:2]
+        np.testing.assert_allclose(few["scores"], many["scores"][:2], atol=1e-5)

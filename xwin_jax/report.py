@@ -107,6 +107,13 @@ def _training_stages(results: dict) -> list[str]:
     return names
 
 
+def stage_label(name: str, summary: dict | None) -> str:
+    """The row's name: the stage, and for DPO the pairs it trained on (Xwin-Set pairs carry
+    their rejected-answer rule)."""
+    rule = ((summary or {}).get("train_data") or {}).get("rejected_rule")
+    return f"{name} (Xwin-Set, rejected: {rule})" if rule else name
+
+
 def table(results: dict) -> str:
     """The Markdown table of the stages (those in the results; the rest are left out)."""
     lines = ["| stage | judge score (1-10) | task accuracy | win rate vs SFT | LC win rate | "
@@ -126,13 +133,14 @@ def table(results: dict) -> str:
         if row is None:  # not evaluated; the reward model: its held-out pair accuracy
             accuracy = (train.get("final_eval") or {}).get("accuracy") if name == "reward" \
                 else None
-            lines.append(f"| {name} | – | – | – | – | – | {_fmt(accuracy, '{:.3f}')} | "
+            lines.append(f"| {stage_label(name, train)} | – | – | – | – | – | "
+                         f"{_fmt(accuracy, '{:.3f}')} | "
                          f"{_fmt(wall, '{:.0f}')} |")
             continue
         win = "–" if row.get("win_rate_vs_sft") is None else (
             f"{row['win_rate_vs_sft']:.1f} ± {row.get('standard_error') or 0.0:.1f}")
         lines.append(
-            f"| {name} | {_fmt(row.get('judge_score'))} | "
+            f"| {stage_label(name, train)} | {_fmt(row.get('judge_score'))} | "
             f"{_fmt(row.get('task_accuracy'), '{:.3f}')} | {win} | "
             f"{_fmt(row.get('length_controlled_winrate'), '{:.1f}')} | "
             f"{_fmt(row.get('rm_mean_reward'))} | – | {_fmt(wall, '{:.0f}')} |")
@@ -245,6 +253,12 @@ def write_report(workdir: str, results: dict, title: str = "Quickstart report") 
         text += [
             f"PPO, last iteration: KL (k1) {ppo.get('kl', float('nan')):.3f}, KL (k3) "
             f"{ppo.get('kl_k3', float('nan')):.3f}{share}.", ""]
+    pairs = ((results.get("dpo") or {}).get("train_data") or {})
+    if pairs.get("rejected_rule"):
+        skipped = ", ".join(f"{n} {why}" for why, n in pairs["prompts_skipped"].items() if n)
+        text += [f"DPO on Xwin-Set: {pairs['pairs']} pairs from rejection sampling's samples "
+                 f"(chosen: the best finished response; rejected: {pairs['rejected_rule']}"
+                 + (f"; prompts skipped: {skipped}" if skipped else "") + ").", ""]
     training = training_table(workdir, results)
     if training.count("\n") > 1:  # a row below the header
         text += ["## Training", "", training, ""]

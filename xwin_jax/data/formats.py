@@ -4,6 +4,7 @@
     pairs = read_pairs("pairs.jsonl")       # prompt (text or messages), chosen, rejected, ratings
     prompts = read_prompts("alpaca_eval.json")  # JSONL with `prompt`, or a list with `instruction`
     outputs = read_outputs("model_outputs.json")  # AlpacaEval's {"instruction", "output", ...}
+    xwin_set = read_xwin_set("samples.jsonl")   # n scored responses per prompt (Xwin-Set)
 
 Files may be JSONL (one object per line) or one JSON array. Every malformed record raises a
 DataFormatError naming file:line and the field; with skip_invalid=True it is counted and listed
@@ -321,6 +322,64 @@ def parse_output(record: dict, source: str = "") -> dict:
 
 def read_outputs(path: str, *, skip_invalid: bool = False) -> ReadResult[dict]:
     return _read(path, parse_output, skip_invalid)
+
+
+# --- Xwin-Set (n scored responses per prompt) ---------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class XwinSetEntry:
+    """One prompt of an Xwin-Set: its n responses in sample order, their normalised reward
+    scores, and whether each ended with EOS (train/rejection.py writes these)."""
+    index: int
+    prompt: Conversation  # ends with a user message
+    responses: tuple[str, ...]
+    scores: tuple[float, ...]
+    finished: tuple[bool, ...]
+    source: str = ""
+
+
+def parse_xwin_set_entry(record: dict, source: str = "") -> XwinSetEntry:
+    index = record.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise _Invalid("index", f"expected a prompt index (an integer >= 0), got {index!r}")
+    prompt = _prompt_conversation(record)
+    lists = {}
+    for field in ("responses", "scores", "finished"):
+        value = record.get(field)
+        if not isinstance(value, list) or not value:
+            raise _Invalid(field, "expected a non-empty list")
+        lists[field] = value
+    if len({len(v) for v in lists.values()}) != 1:
+        raise _Invalid("responses", "responses, scores and finished differ in length ("
+                       + ", ".join(f"{k} {len(v)}" for k, v in lists.items()) + ")")
+    for i, (text, score, done) in enumerate(zip(*lists.values())):
+        if not isinstance(text, str):
+            raise _Invalid(f"responses[{i}]", f"expected a string, got {type(text).__name__}")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
+            raise _Invalid(f"scores[{i}]", f"expected a number, got {score!r}")
+        if not isinstance(done, bool):
+            raise _Invalid(f"finished[{i}]", f"expected true or false, got {done!r}")
+    return XwinSetEntry(index, dataclasses.replace(prompt, source=source),
+                        tuple(lists["responses"]), tuple(float(s) for s in lists["scores"]),
+                        tuple(lists["finished"]), source)
+
+
+def read_xwin_set(path: str, *, skip_invalid: bool = False) -> ReadResult[XwinSetEntry]:
+    result = _read(path, parse_xwin_set_entry, skip_invalid)
+    seen: dict[int, str] = {}
+    for entry in result.records:
+        if entry.index in seen:
+            raise DataFormatError(f"{entry.source}: field 'index': prompt {entry.index} "
+                                  f"again (first at {seen[entry.index]})")
+        seen[entry.index] = entry.source
+    return result
+
+
+def prompt_to_json(conversation: Conversation) -> str | list[dict]:
+    """A prompt as the `prompt` field of a pairs, prompts or Xwin-Set record: the text of a
+    lone user message, else the messages list (earlier turns, a system message)."""
+    messages = conversation.messages
+    return messages[0].content if len(messages) == 1 else messages_to_json(messages)
 
 
 # --- writing (the synthetic suite and generated data use the same formats) ------------------

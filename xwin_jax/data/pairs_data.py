@@ -2,6 +2,8 @@
 
     data = PairsData(["pairs.jsonl"], seq_len=512, batch_size=32)
     batch = next(data.batches(0))   # chosen_/rejected_ tokens, lengths, response masks, ratings
+    data = XwinSetPairsData(["xwin_set/samples.jsonl"], seq_len=512, batch_size=32,
+                            rule=PairRule("lowest", min_margin=0.5))  # DPO on Xwin-Set
 
 Pairs are read at construction (a malformed file fails at once, naming file:line) and
 tokenized once (converters.pairs_batch) when a vocabulary is bound: at construction when
@@ -18,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from xwin_jax.data import converters, formats
+from xwin_jax.data.xwin_set import PairRule, make_pairs
 from xwin_jax.data.batching import GlobalBatches, LazyVocabulary
 from xwin_jax.errors import ConfigError
 from xwin_jax.fingerprint import file_identity
@@ -43,15 +46,19 @@ class PairsData(LazyVocabulary, GlobalBatches):
         self.skipped = []
         self.file_identities = []  # of what was read: a file rewritten later is not this data
         for path in self.paths:
-            result = formats.read_pairs(path, skip_invalid=self.skip_invalid)
             self.file_identities.append(file_identity(path))
-            self.pairs += result.records
-            self.skipped += result.skipped
+            pairs, skipped = self._read(path)
+            self.pairs += pairs
+            self.skipped += skipped
         if len(self.pairs) < self.batch_size:
             raise ConfigError(f"{list(self.paths)}: {len(self.pairs)} pairs, fewer than "
                               f"batch_size={self.batch_size}")
         self.num_pairs = len(self.pairs)
         self._bind_given()
+
+    def _read(self, path: str) -> tuple[list[formats.PreferencePair], list[str]]:
+        result = formats.read_pairs(path, skip_invalid=self.skip_invalid)
+        return result.records, result.skipped
 
     def _tokenize(self, vocab) -> None:
         self.arrays = converters.pairs_batch(self.pairs, vocab, self.seq_len, self.system)
@@ -70,3 +77,29 @@ class PairsData(LazyVocabulary, GlobalBatches):
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
         rows = order[index * self.batch_size:(index + 1) * self.batch_size]
         return {k: v[rows] for k, v in self.arrays.items()}
+
+
+@dataclasses.dataclass
+class XwinSetPairsData(PairsData):
+    """DPO pairs made from Xwin-Set files (rejection sampling's samples.jsonl: every prompt's
+    n scored responses) under `rule` (data/xwin_set.py: chosen = the best finished response,
+    rejected by the rule's choice); the prompts that give no pair are counted by reason in
+    `pair_skips` and in report()."""
+    rule: PairRule = PairRule()
+
+    def __post_init__(self):
+        self.pair_skips: dict[str, int] = {}
+        super().__post_init__()
+
+    def _read(self, path: str) -> tuple[list[formats.PreferencePair], list[str]]:
+        result = formats.read_xwin_set(path, skip_invalid=self.skip_invalid)
+        made = make_pairs(result.records, self.rule)
+        for reason, count in made.skipped.items():
+            self.pair_skips[reason] = self.pair_skips.get(reason, 0) + count
+        return made.pairs, result.skipped
+
+    def report(self) -> str:
+        skips = ", ".join(f"{n} {reason}" for reason, n in self.pair_skips.items() if n)
+        return super().report().replace(
+            "preference pairs", f"Xwin-Set pairs (rejected: {self.rule.rejected}"
+            + (f"; prompts skipped: {skips}" if skips else "") + ")", 1)

@@ -163,6 +163,8 @@ def fit(stage_dir: str, start: Start, train_steps: int, train_data: Any, *,
     cfg = start.config
     tx, schedule = optimizer.build(train_steps)
     setup = ShardedTraining.create(LM, cfg, partitioner, tx, seed)
+    if jax.process_index() == 0:
+        print(f"[{description}] train data: {train_data.report()}")
 
     def compute_reference():
         reference_params = setup.initial_params(start.checkpoint)
@@ -186,7 +188,11 @@ def fit(stage_dir: str, start: Start, train_steps: int, train_data: Any, *,
     if jax.process_index() == 0:
         print(f"[{description}] {train_steps} steps, final loss "
               f"{summary['final_train_loss']}, params → {export_dir}")
-    return dict(summary, export_dir=export_dir)
+    data_summary = {"pairs": train_data.num_pairs}
+    if hasattr(train_data, "pair_skips"):  # made from an Xwin-Set: what gave no pair, and why
+        data_summary.update(rejected_rule=train_data.rule.rejected,
+                            prompts_skipped=train_data.pair_skips)
+    return dict(summary, export_dir=export_dir, train_data=data_summary)
 
 
 def train_dpo(workdir: str, model: LlamaConfig, train_steps: int, train_data: Any, *,
@@ -200,7 +206,8 @@ def train_dpo(workdir: str, model: LlamaConfig, train_steps: int, train_data: An
     """The DPO job: trains (or resumes) a policy into WORKDIR/<stage>/ from `init_dir` (the
     SFT/RS policy: a params checkpoint or an HF directory, which is also the frozen
     reference) and exports WORKDIR/<stage>/final with the tokenizer. `vocabulary` overrides
-    the one the checkpoint records; `train_data` is a data.pairs_data.PairsData."""
+    the one the checkpoint records; `train_data` is a data.pairs_data.PairsData (pairs files)
+    or XwinSetPairsData (pairs made from rejection sampling's Xwin-Set)."""
     if not init_dir:
         raise ConfigError("DPO starts from a policy: set init_dir (e.g. WORKDIR/sft/final, or "
                           "an HF directory); it is also the reference")

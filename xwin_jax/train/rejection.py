@@ -4,15 +4,26 @@ winners as SFT data, and fine-tune the policy on them (sft.fit).
 
 Two stages (stage.run_stage), so that changing only the fine-tune keeps the expensive samples:
 
-    WORKDIR/<samples_stage>/        (default xwin_set) the samples, a stage of its own: its
-      samples.jsonl                 fingerprint is the prompts file, the policy and reward
-                                    models, n and the sampling settings; every prompt's n
-                                    responses and normalised scores, appended as the
-                                    batches finish (a killed run resumes there)
+    WORKDIR/<samples_stage>/        (default xwin_set; or `samples_dir`) the samples, a stage
+      samples.jsonl                 of its own: its fingerprint is the prompts file, the
+                                    policy and reward models, n and the sampling settings.
+                                    The Xwin-Set file: per prompt (`index`, `prompt` — text,
+                                    or the messages of a conversation) all n `responses` in
+                                    sample order, their normalised RM `scores`, `finished`
+                                    (ended with EOS) and `num_tokens`; appended as the
+                                    batches finish (a killed run resumes there). DPO pairs
+                                    are made from it by data/xwin_set.py (XwinSetPairsData).
       best_of_n.jsonl               the winners under this run's threshold, ShareGPT (what
-                                    SftData reads), chosen anew from samples.jsonl every run
+      best_of_<k>.jsonl             SftData reads), chosen anew from samples.jsonl every run;
+                                    with best_of=k, among each prompt's first k samples
     WORKDIR/<stage>/                (default rejection) the fine-tune on the winners; its
-      final/                        fingerprint holds the samples' and the threshold
+      final/                        fingerprint holds the samples', the threshold and k
+
+Best-of-k for any k <= n from one sampling run: sample j of prompt i has its own key
+(fold_in(fold_in(key(seed), i), j)), so the first k of n samples are exactly what a k-sample
+run draws. A sweep over k shares one samples stage through `samples_dir` (each point its
+own WORKDIR for the fine-tune; the samples stage is found finished and skipped): draw once,
+fine-tune for every k.
 
 Responses that never emit EOS, or are empty, are never chosen. n may be as large as 64
 (the Xwin-Set setting).
@@ -50,7 +61,7 @@ import jax
 import numpy as np
 
 from xwin_jax import fingerprint
-from xwin_jax.data import converters, formats
+from xwin_jax.data import converters, formats, xwin_set
 from xwin_jax.data.sft_data import SftData
 from xwin_jax.decoding import DecodeLayout, Decoder
 from xwin_jax.errors import ConfigError
@@ -69,14 +80,9 @@ SAMPLES_FILE = "samples.jsonl"
 BEST_FILE = "best_of_n.jsonl"
 
 
-def best_index(scores: np.ndarray, finished: np.ndarray, threshold: float | None) -> int | None:
-    """The highest-scoring finished response, or None when none is finished or the best is
-    below the threshold."""
-    eligible = np.where(finished, scores, -np.inf)
-    best = int(np.argmax(eligible))
-    if not np.isfinite(eligible[best]) or (threshold is not None and eligible[best] < threshold):
-        return None
-    return best
+def best_file(best_of: int | None) -> str:
+    """The winners' file name: best_of_n.jsonl over all n samples, best_of_<k>.jsonl."""
+    return BEST_FILE if best_of is None else f"best_of_{best_of}.jsonl"
 
 
 def sample_keys(seed: int, rows: list[tuple[int, int]]) -> jax.Array:
@@ -167,7 +173,8 @@ def sample_prompts(stage_dir: str, prompts: list[formats.Prompt], policy: Start,
         records = []
         for index in complete:
             mine = [r for _, r in sorted(drawn.pop(index).items())]
-            records.append({"index": index, "prompt": prompts[index].text,
+            records.append({"index": index,
+                            "prompt": formats.prompt_to_json(prompts[index].conversation),
                             "responses": [r["text"] for r in mine],
                             "scores": [r["score"] for r in mine],
                             "finished": [r["finished"] for r in mine],
@@ -185,47 +192,48 @@ def sample_prompts(stage_dir: str, prompts: list[formats.Prompt], policy: Start,
             "mean_score": float(scores[finished].mean()) if finished.any() else None}
 
 
-def select_best(samples_dir: str, prompts: list[formats.Prompt], threshold: float | None
-                ) -> dict:
-    """Best-of-n from SAMPLES_DIR/samples.jsonl under `threshold` (normalised reward units),
-    written to SAMPLES_DIR/best_of_n.jsonl as ShareGPT (by host 0; every host returns once it
-    is there); returns the selection statistics."""
+def select_best(samples_dir: str, prompts: list[formats.Prompt], threshold: float | None,
+                best_of: int | None = None) -> dict:
+    """Best-of-n (best_of=k: of each prompt's first k samples) from SAMPLES_DIR/samples.jsonl
+    under `threshold` (normalised reward units), written to SAMPLES_DIR/best_file(best_of) as
+    ShareGPT (by host 0; every host returns once it is there); returns the selection
+    statistics. Unfinished and empty responses are never chosen (xwin_set.eligible)."""
     samples_path = os.path.join(samples_dir, SAMPLES_FILE)
-    done = read_done(samples_path)
+    entries = formats.read_xwin_set(samples_path).records
     winners, best_scores, mean_scores = [], [], []
-    for index in sorted(done):
-        record = done[index]
-        # An empty answer (EOS at once) is no SFT example (SftData refuses it): never chosen.
-        eligible = np.array([f and bool(r.strip()) for f, r in zip(record["finished"],
-                                                                    record["responses"])])
-        best = best_index(np.array(record["scores"]), eligible, threshold)
+    for entry in sorted(entries, key=lambda e: e.index):
+        best = xwin_set.best_of(entry, best_of, threshold)
         if best is None:
             continue
-        mean_scores.append(float(np.mean([s for s, f in zip(record["scores"],
-                                                             record["finished"]) if f])))
-        best_scores.append(record["scores"][best])
-        conversation = prompts[index].conversation
+        mean_scores.append(float(np.mean([entry.scores[i]
+                                           for i in xwin_set.eligible(entry, best_of)])))
+        best_scores.append(entry.scores[best])
+        conversation = prompts[entry.index].conversation
         winners.append(formats.conversation_to_sharegpt(formats.Conversation(
             conversation.messages + (formats.Message(formats.ASSISTANT,
-                                                     record["responses"][best]),))))
+                                                     entry.responses[best]),))))
     if not winners:
         raise ConfigError(f"{samples_path}: no prompt has a finished response above the "
                           f"threshold ({threshold}); lower it or raise max_new_tokens")
+    path = os.path.join(samples_dir, best_file(best_of))
     if jax.process_index() == 0:
-        formats.write_jsonl(os.path.join(samples_dir, BEST_FILE), winners)
+        formats.write_jsonl(path, winners)
     sync_hosts("rejection: best of n written")  # every host's SftData reads it
-    selection = {"prompts": len(done), "kept": len(winners), "threshold": threshold,
-                 "mean_score": float(np.mean(mean_scores)),  # finished responses, kept prompts
+    selection = {"prompts": len(entries), "kept": len(winners), "threshold": threshold,
+                 "best_of": best_of or len(entries[0].responses), "winners_file": path,
+                 "mean_score": float(np.mean(mean_scores)),  # eligible responses, kept prompts
                  "mean_best_score": float(np.mean(best_scores))}
     if jax.process_index() == 0:
-        print(f"[rejection] kept {len(winners)}/{len(done)} prompts; mean normalised score "
-              f"{selection['mean_score']:.3f} → best {selection['mean_best_score']:.3f}")
+        print(f"[rejection] best of {selection['best_of']}: kept {len(winners)}/{len(entries)} "
+              f"prompts; mean normalised score {selection['mean_score']:.3f} → best "
+              f"{selection['mean_best_score']:.3f}")
     return selection
 
 
 def train_rejection(workdir: str, model: LlamaConfig, train_steps: int, prompts_path: str, *,
                     policy_dir: str, reward_dir: str, stage: str = "rejection",
-                    samples_stage: str = "xwin_set", num_samples: int = 16,
+                    samples_stage: str = "xwin_set", samples_dir: str | None = None,
+                    num_samples: int = 16, best_of: int | None = None,
                     sample_batch_size: int = 64, max_new_tokens: int = 256,
                     temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0,
                     threshold: float | None = None, max_prompt_len: int = 1024,
@@ -238,14 +246,19 @@ def train_rejection(workdir: str, model: LlamaConfig, train_steps: int, prompts_
                     partitioner: Partitioner | None = None,
                     decode_layout: DecodeLayout | None = None) -> dict:
     """Best-of-n samples of the first max_prompts prompts (None: all) into
-    WORKDIR/<samples_stage>/, then SFT from policy_dir on the winners into WORKDIR/<stage>/
-    (exported with the tokenizer to final/). Sampling and fine-tune run on `partitioner`
-    (default: every device), the sampling's policy in `decode_layout` (decoding.DecodeLayout:
-    how its weights are split while decoding; like the mesh, not part of the fingerprint);
-    `vocabulary` overrides the one policy_dir records. `threshold` is in normalised reward
-    units (the RM's reward_stats.json)."""
+    WORKDIR/<samples_stage>/ (or `samples_dir`, e.g. one shared by a sweep over best_of),
+    then SFT from policy_dir on the winners — of all n samples, or with best_of=k of each
+    prompt's first k — into WORKDIR/<stage>/ (exported with the tokenizer to final/).
+    Sampling and fine-tune run on `partitioner` (default: every device), the sampling's
+    policy in `decode_layout` (decoding.DecodeLayout: how its weights are split while
+    decoding; like the mesh, not part of the fingerprint); `vocabulary` overrides the one
+    policy_dir records. `threshold` is in normalised reward units (the RM's
+    reward_stats.json)."""
     if num_samples < 1:
         raise ConfigError(f"num_samples={num_samples}: need at least 1")
+    if best_of is not None and not 1 <= best_of <= num_samples:
+        raise ConfigError(f"best_of={best_of}: choose k in 1..num_samples ({num_samples}); the "
+                          f"first k of the n samples are used")
     partitioner = partitioner or Partitioner()
     if sample_batch_size % partitioner.batch_divisor:
         raise ConfigError(f"sample_batch_size={sample_batch_size} does not divide over the "
@@ -269,20 +282,22 @@ def train_rejection(workdir: str, model: LlamaConfig, train_steps: int, prompts_
                          "max_new_tokens": max_new_tokens, "temperature": temperature,
                          "top_k": top_k, "top_p": top_p, "max_prompt_len": max_prompt_len,
                          "system": system, "seed": seed}
-    samples_dir = os.path.join(workdir, samples_stage)
+    samples_dir = samples_dir or os.path.join(workdir, samples_stage)
     samples = run_stage(samples_dir, samples_stage, sampling_settings, lambda d: sample_prompts(
         d, prompts, start, reward_dir, model, partitioner=partitioner,
         decode_layout=decode_layout, num_samples=num_samples, batch_size=sample_batch_size,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         max_prompt_len=max_prompt_len, system=system, seed=seed))
     # Chosen again on every run, so a changed threshold applies to the samples already drawn.
-    selection = select_best(samples_dir, prompts, threshold)
-    data = SftData([os.path.join(samples_dir, BEST_FILE)], seq_len=seq_len,
+    selection = select_best(samples_dir, prompts, threshold, best_of)
+    data = SftData([selection["winners_file"]], seq_len=seq_len,
                    batch_size=batch_size, seed=seed, system=system
                    ).with_vocabulary(start.vocabulary)
     settings = {"samples": samples["fingerprint"], "threshold": threshold, "start": start,
                 "train_steps": train_steps, "train_data": data, "optimizer": optimizer,
                 "z_loss": z_loss, "seed": seed}
+    if best_of is not None:  # absent when unset: the fingerprints of earlier runs still hold
+        settings["best_of"] = best_of
     return run_stage(os.path.join(workdir, stage), stage, settings, lambda stage_dir: dict(
         fit(stage_dir, start, train_steps, data, partitioner=partitioner, optimizer=optimizer,
             z_loss=z_loss, num_micro_batches=num_micro_batches,

@@ -349,6 +349,10 @@ def test_judges_fingerprint_what_decides_their_verdicts(monkeypatch):
     assert same.fingerprint() == base.fingerprint() == {
         "judge": "OpenAIJudge", "model": "gpt-4", "temperature": 0.0, "max_tokens": 256,
         "prompt": judge_lib.prompt_digest()}
+    # The digest every annotate / evaluate stage judged with an OpenAIJudge has recorded since
+    # the prompt's version xwin-pair-v1: a new kind of prompt (multi-turn) must not change it.
+    assert judge_lib.prompt_digest() == (
+        "75597d8c141ca79fc19f0cea77758cccb2112d3625a10a8a2b9a8d2e23359589")
     assert "sk-" not in json.dumps(base.fingerprint())
     for change in ({"model": "gpt-4o"}, {"temperature": 0.5}, {"max_tokens": 512}):
         assert judge_lib.OpenAIJudge(**{"model": "gpt-4", **change}).fingerprint() != (

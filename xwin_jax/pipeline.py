@@ -98,26 +98,45 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def annotate_prompt_records(single: list[dict], multiturn: list[dict], count: int,
+                            multiturn_fraction: float) -> list[dict]:
+    """`count` prompts for Xwin-Pair: round(count * multiturn_fraction) multi-turn prompts
+    (a follow-up about an earlier answer: the judge sees the conversation, the reward model
+    trains on the pairs) after the single-turn ones. The multi-turn prompts are those whose
+    first question is not among the single-turn ones, so no question is asked twice."""
+    wanted = min(count, round(count * multiturn_fraction))
+    chosen = single[:count - wanted]
+    asked = {r["prompt"] for r in chosen}
+    fresh = [r for r in multiturn if r["prompt"][0]["content"] not in asked]
+    return chosen + fresh[:wanted]
+
+
 def data_stage(workdir: str, seed: int = 0, num_prompts: int = 3000,
                annotate_prompts: int = 1024, rejection_prompts: int = 512,
-               eval_prompts: int = 384) -> dict:
-    """The suite, plus the prompt subsets the sampling stages and the evaluation read."""
+               eval_prompts: int = 384, annotate_multiturn_fraction: float = 0.125) -> dict:
+    """The suite, plus the prompt subsets the sampling stages and the evaluation read. The
+    annotate prompts include a share of multi-turn ones (annotate_prompt_records); the
+    rejection-sampling and held-out prompts are single-turn (AlpacaEval-style evaluation)."""
     def body(stage_dir):
         paths = synthetic.write_suite(os.path.join(stage_dir, "suite"), seed, num_prompts)
         # Held-out prompts: the test and valid splits (no policy or RM trains on either).
         held_out = _read_jsonl(paths["prompts_test"]) + _read_jsonl(paths["prompts_valid"])
         train = _read_jsonl(paths["prompts_train"])
+        annotate = annotate_prompt_records(train, _read_jsonl(paths["prompts_multiturn_train"]),
+                                           annotate_prompts, annotate_multiturn_fraction)
         for name, records in (("held_out_prompts", held_out[:eval_prompts]),
-                              ("annotate_prompts", train[:annotate_prompts]),
+                              ("annotate_prompts", annotate),
                               ("rejection_prompts", train[:rejection_prompts])):
             paths[name] = os.path.join(stage_dir, f"{name}.jsonl")
             formats.write_jsonl(paths[name], records)
+        multiturn = sum(isinstance(r["prompt"], list) for r in annotate)
         print(f"[data] synthetic suite → {stage_dir} ({min(eval_prompts, len(held_out))} "
-              f"held-out prompts)")
-        return {"paths": paths}
+              f"held-out prompts; {len(annotate)} annotate prompts, {multiturn} multi-turn)")
+        return {"paths": paths, "annotate_multiturn_prompts": multiturn}
 
     settings = {"seed": seed, "num_prompts": num_prompts, "annotate_prompts": annotate_prompts,
                 "rejection_prompts": rejection_prompts, "eval_prompts": eval_prompts,
+                "annotate_multiturn_fraction": annotate_multiturn_fraction,
                 "suite_version": synthetic.SUITE_VERSION}
     return run_stage(os.path.join(workdir, DATA_STAGE), DATA_STAGE, settings, body)
 

@@ -28,6 +28,11 @@ OpenAIJudge tells two kinds of failure apart:
 
 `usage` counts replies (`calls`, the paid requests), tokens, transport `retries` and
 `parse_retries` separately.
+
+compare() is built on two general methods other judging jobs use too (evaluate/mt_bench.py):
+`complete(messages, max_tokens=, temperature=)` sends one chat and returns a Reply (text,
+finish_reason) with the transport retries above, and `ask(messages, parse, ...)` adds the
+asking again on a reply `parse` cannot use (ValueError), then UnusableReply.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ import json
 import os
 import random
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from xwin_jax import fingerprint
+from xwin_jax.data import formats
 from xwin_jax.data.synthetic import RuleJudge as SyntheticRuleJudge
 from xwin_jax.errors import UserError
 from xwin_jax.redaction import register_secret
@@ -59,6 +65,13 @@ JUDGE_TEMPLATE = """[User request]
 Which answer is better, and by how much? Rate each answer from 1 (useless or wrong) to 10
 (correct, helpful and concise). Reply with only a JSON object:
 {{"better": "A" or "B" or "tie", "rating_a": <1-10>, "rating_b": <1-10>, "reason": "<one sentence>"}}"""  # noqa: E501
+# A multi-turn prompt: the earlier turns as a transcript, then the single-turn template with
+# the last user message as the request. Its own version (in the cache keys of multi-turn
+# pairs), so a change to the transcript leaves the single-turn keys valid.
+JUDGE_MULTITURN_VERSION = "xwin-pair-multiturn-v1"
+JUDGE_TRANSCRIPT_ROLES = {"user": "User", "assistant": "Assistant"}
+JUDGE_TEMPLATE_MULTITURN = ("[Conversation so far] (both answers below reply to the user request "
+                            "that follows it, in its context)\n{history}\n\n" + JUDGE_TEMPLATE)
 
 VERDICT_FIELDS = ("better", "rating_a", "rating_b")
 _DECODER = json.JSONDecoder()
@@ -85,13 +98,62 @@ class UnusableReply(ValueError):
         self.problem, self.reply, self.replies = problem, reply, replies
 
 
+class Reply(NamedTuple):
+    """One reply of OpenAIJudge.complete: its text, finish_reason, and a problem (None, or
+    why the reply holds nothing to read, e.g. no choices)."""
+    text: str
+    finish_reason: str | None
+    problem: str | None = None
+
+
 def prompt_digest() -> str:
-    """A digest of what the judge is asked (system message, template, version)."""
+    """A digest of what the judge is asked (system message, template, version): part of the
+    judge's fingerprint, so of every annotate and evaluate stage. The multi-turn template is
+    not in it, so that stages judged before it existed (with paid verdicts) still match their
+    command; it is in the cache key of every multi-turn verdict instead (multiturn_digest), so
+    a change to it asks the judge again."""
     return fingerprint.digest([JUDGE_PROMPT_VERSION, JUDGE_SYSTEM, JUDGE_TEMPLATE])
 
 
-def render_prompt(prompt: str, response_a: str, response_b: str) -> str:
-    return JUDGE_TEMPLATE.format(prompt=prompt, response_a=response_a, response_b=response_b)
+def multiturn_digest() -> str:
+    """A digest of how a multi-turn prompt is shown to the judge (annotate/pairs.cache_key)."""
+    return fingerprint.digest([JUDGE_MULTITURN_VERSION, JUDGE_TEMPLATE_MULTITURN,
+                               JUDGE_TRANSCRIPT_ROLES])
+
+
+def is_multiturn(prompt: str | formats.Conversation) -> bool:
+    """Whether a prompt has earlier turns: a Conversation with more than its last user
+    message. A system message alone does not count (the judge is not shown it)."""
+    return isinstance(prompt, formats.Conversation) and len(prompt.turns) > 1
+
+
+def judged_prompt(prompt: str | formats.Conversation) -> str | formats.Conversation:
+    """What the judge is asked about: the text of a single-turn prompt (as every judge has
+    been given it), the Conversation of a multi-turn one."""
+    if isinstance(prompt, formats.Conversation) and not is_multiturn(prompt):
+        return prompt.messages[-1].content
+    return prompt
+
+
+def render_transcript(conversation: formats.Conversation) -> str:
+    """The turns before the last user message, one block per message ("User: ...",
+    "Assistant: ..."); the system message is not shown, as in a single-turn prompt."""
+    return "\n\n".join(f"{JUDGE_TRANSCRIPT_ROLES[m.role]}: {m.content}"
+                        for m in conversation.turns[:-1])
+
+
+def render_prompt(prompt: str | formats.Conversation, response_a: str, response_b: str) -> str:
+    """The judge's user message. A str or a single-turn Conversation: JUDGE_TEMPLATE with the
+    request (the text every judge prompt of version JUDGE_PROMPT_VERSION has had); a
+    multi-turn Conversation: the earlier turns as a transcript, then the same template with
+    its last user message."""
+    prompt = judged_prompt(prompt)
+    if isinstance(prompt, str):
+        return JUDGE_TEMPLATE.format(prompt=prompt, response_a=response_a,
+                                     response_b=response_b)
+    return JUDGE_TEMPLATE_MULTITURN.format(history=render_transcript(prompt),
+                                           prompt=prompt.messages[-1].content,
+                                           response_a=response_a, response_b=response_b)
 
 
 def _json_objects(text: str) -> Iterator[dict]:
@@ -143,13 +205,16 @@ class RuleJudge:
         self._judge = SyntheticRuleJudge()
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0}
 
-    def compare(self, prompt: str, response_a: str, response_b: str) -> dict:
+    def compare(self, prompt: str | formats.Conversation, response_a: str,
+                response_b: str) -> dict:
+        """The verdict on two answers to the prompt's last user message; a Conversation's
+        earlier turns decide what is correct for a follow-up (data/synthetic.py)."""
         verdict = self._judge.compare(prompt, response_a, response_b)
         self.usage["calls"] += 1
         return {"better": verdict["better"], "rating_a": float(verdict["rating_a"]),
                 "rating_b": float(verdict["rating_b"]), "reason": verdict["reason"]}
 
-    def rate(self, prompt: str, response: str) -> float:
+    def rate(self, prompt: str | formats.Conversation, response: str) -> float:
         """One response's 1-10 rating (what the quickstart reports as the judge score)."""
         return float(self._judge.rate(prompt, response).score)
 
@@ -222,16 +287,52 @@ class OpenAIJudge:
     def compare(self, prompt: str, response_a: str, response_b: str) -> dict:
         """The verdict on (A, B). Raises JudgeError (refused, or unreachable after
         max_attempts) or UnusableReply (1 + max_parse_retries replies without a verdict)."""
-        import openai
-
         messages = [{"role": "system", "content": JUDGE_SYSTEM},
                     {"role": "user", "content": render_prompt(prompt, response_a, response_b)}]
-        failures = replies = 0
+        return self.ask(messages, parse_verdict)
+
+    def ask(self, messages: list[dict], parse: Callable[[str], Any], *,
+            max_tokens: int | None = None, temperature: float | None = None) -> Any:
+        """parse(text) of the first reply to `messages` it accepts (parse raises ValueError
+        on a reply it cannot use: asked again at once, `max_parse_retries` times, then
+        UnusableReply). JudgeError and a refused request's UnusableReply as `complete`."""
+        replies = 0
+        while True:
+            try:
+                reply = self.complete(messages, max_tokens=max_tokens, temperature=temperature)
+            except UnusableReply as err:  # refused: asking again gets the same answer
+                raise UnusableReply(err.problem, err.reply, replies) from err
+            replies += 1
+            problem = reply.problem
+            if problem is None:
+                try:
+                    return parse(reply.text)
+                except ValueError as err:
+                    problem = str(err)
+                    if reply.finish_reason == "length":
+                        problem = ("the answer was cut off (finish_reason 'length') before "
+                                   f"a complete verdict: {problem}")
+            if replies > self.max_parse_retries:
+                raise UnusableReply(problem, reply.text, replies)
+            self._count("parse_retries")  # asked again at once: nothing to wait for
+
+    def complete(self, messages: list[dict], *, max_tokens: int | None = None,
+                 temperature: float | None = None) -> Reply:
+        """One reply to a chat (`messages`: OpenAI's role/content dicts), at this judge's
+        temperature and max_tokens unless given. Transport failures (429 honouring
+        Retry-After, 408/409, 5xx, timeouts, connection errors) are retried with backoff,
+        up to max_attempts requests, then JudgeError; a request refused for what it holds
+        (400/413/422) raises UnusableReply; any other 4xx is a JudgeError at once. Counts
+        the reply and its tokens in `usage`."""
+        import openai
+
+        failures = 0
         while True:
             try:
                 reply = self._client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=self.temperature,
-                    max_tokens=self.max_tokens)
+                    model=self.model, messages=messages,
+                    temperature=self.temperature if temperature is None else temperature,
+                    max_tokens=self.max_tokens if max_tokens is None else max_tokens)
             except openai.RateLimitError as err:
                 problem, retry_after = str(err), _retry_after(err)
             except (openai.APITimeoutError, openai.APIConnectionError) as err:
@@ -240,7 +341,7 @@ class OpenAIJudge:
                 if err.status_code in REQUEST_REFUSED:  # this pair's request, not the judge:
                     raise UnusableReply(  # asking again gets the same answer
                         f"the judge refused this request ({err.status_code}): {err}",
-                        str(err), replies) from err
+                        str(err), 0) from err
                 if err.status_code in TRANSIENT or err.status_code >= 500:
                     problem, retry_after = str(err), _retry_after(err)
                 else:
@@ -249,20 +350,8 @@ class OpenAIJudge:
                         hint="check OPENAI_API_KEY, judge.OpenAIJudge.model and base_url"
                     ) from err
             else:
-                replies += 1
                 text, problem = self._read_reply(reply)
-                if problem is None:
-                    try:
-                        return parse_verdict(text)
-                    except ValueError as err:
-                        problem = str(err)
-                        if _finish_reason(reply) == "length":
-                            problem = ("the answer was cut off (finish_reason 'length') before "
-                                       f"a complete verdict: {problem}")
-                if replies > self.max_parse_retries:
-                    raise UnusableReply(problem, text, replies)
-                self._count("parse_retries")  # asked again at once: nothing to wait for
-                continue
+                return Reply(text, _finish_reason(reply), problem)
             failures += 1
             if failures >= self.max_attempts:
                 raise self._unreachable(problem)

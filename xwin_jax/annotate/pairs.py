@@ -36,16 +36,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-from tqdm import tqdm
 
 from xwin_jax import fingerprint, jobs
-from xwin_jax.annotate.judge import JUDGE_PROMPT_VERSION, JudgeError, UnusableReply, \
-    render_prompt
+from xwin_jax.annotate.judge import JUDGE_PROMPT_VERSION, JudgeError, judged_prompt, \
+    multiturn_digest, render_prompt
+from xwin_jax.annotate.cached_calls import judge_cached
 from xwin_jax.data import formats
 from xwin_jax.decoding import DecodeLayout
 from xwin_jax.errors import ConfigError, UserError
@@ -103,9 +101,20 @@ class JudgedPairs(NamedTuple):
     unjudged: list[dict]
 
 
-def cache_key(prompt: str, response_a: str, response_b: str, judge_model: str) -> str:
-    payload = json.dumps([prompt, response_a, response_b, judge_model, JUDGE_PROMPT_VERSION])
-    return hashlib.sha256(payload.encode()).hexdigest()
+def cache_key(prompt: str | formats.Conversation, response_a: str, response_b: str,
+              judge_model: str) -> str:
+    """The key of a verdict in the cache: what the judge is shown and who judges. A
+    single-turn prompt (a str, or a Conversation of one user turn) has the key it has always
+    had (caches written before multi-turn prompts stay valid); a multi-turn one covers every
+    user and assistant turn (annotate/judge.py: the system message is not shown) and how
+    the multi-turn template shows them (judge.multiturn_digest)."""
+    prompt = judged_prompt(prompt)
+    if isinstance(prompt, str):
+        payload = [prompt, response_a, response_b, judge_model, JUDGE_PROMPT_VERSION]
+    else:
+        payload = [formats.messages_to_json(prompt.turns), response_a, response_b, judge_model,
+                   JUDGE_PROMPT_VERSION, multiturn_digest()]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
 def read_cache(path: str) -> dict[str, dict]:
@@ -114,8 +123,13 @@ def read_cache(path: str) -> dict[str, dict]:
     return formats.read_appended_jsonl(path, "key")
 
 
-def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
-    """`text`, or its first `limit` characters and how long it was."""
+def excerpt(text: str | formats.Conversation, limit: int = EXCERPT_CHARS) -> str:
+    """`text`, or its first `limit` characters and how long it was. A multi-turn prompt (a
+    Conversation): the excerpt of its last user message, and how many turns came before."""
+    if isinstance(text, formats.Conversation):
+        earlier = len(text.turns) - 1
+        return (f"{excerpt(text.messages[-1].content, limit)} [after {earlier} earlier "
+                f"turn{'' if earlier == 1 else 's'}]")
     return text if len(text) <= limit else f"{text[:limit]}… [{len(text)} characters]"
 
 
@@ -134,68 +148,27 @@ def judge_pairs(items: Sequence[tuple[str, str, str]], judge: Any, cache_path: s
     An item whose replies held no usable verdict (the judge raised UnusableReply) gets None
     and a record in `unjudged`; it is not cached. A JudgeError (refused, unreachable) stops
     the work: requests in flight finish (and are cached), the rest are not sent, and the
-    error says how many items are cached."""
-    cache = read_cache(cache_path)
-    lock = threading.Lock()
+    error says how many items are cached (annotate/cached_calls.py: judge_cached)."""
     keys = [cache_key(p, a, b, judge.model) for p, a, b in items]
-    todo = sorted({k: i for i, k in reversed(list(enumerate(keys))) if k not in cache}.values())
-    unjudged: dict[str, dict] = {}
-    stop = threading.Event()  # set by the first failure: what is not yet sent, is not sent
+    swapped = [(int(k[:8], 16) % 2 == 1) if swaps is None else bool(swaps[i])
+               for i, k in enumerate(keys)]
 
-    def judge_one(index: int) -> None:
-        if stop.is_set():
-            return
+    def judge_one(index: int) -> dict:
         prompt, a, b = items[index]
-        swapped = (int(keys[index][:8], 16) % 2 == 1) if swaps is None else bool(swaps[index])
-        try:
-            verdict = judge.compare(prompt, b, a) if swapped else judge.compare(prompt, a, b)
-        except BaseException as err:
-            if not isinstance(err, UnusableReply):
-                stop.set()
-                raise
-            with lock:
-                unjudged[keys[index]] = {
-                    "index": index, "key": keys[index], "prompt": excerpt(prompt),
-                    "swapped": swapped, "problem": redact_text(err.problem),
-                    "replies": err.replies, "reply": excerpt(redact_text(err.reply))}
-            return
+        verdict = judge.compare(prompt, b, a) if swapped[index] else judge.compare(prompt, a, b)
         # A judge that echoes a credential (a proxy's header, a leaked key) does not get it
         # written: the reason is stored as launch prints it.
         verdict = {**verdict, "reason": redact_text(str(verdict.get("reason", "")))}
-        record = {"key": keys[index], "swapped": swapped,
-                  "verdict": _unswap(verdict) if swapped else verdict}
-        with lock:
-            cache[keys[index]] = record
-            formats.append_jsonl(cache_path, [record])  # synced: a kill loses no paid verdict
+        return {"swapped": swapped[index],
+                "verdict": _unswap(verdict) if swapped[index] else verdict}
 
-    pool = ThreadPoolExecutor(max(1, concurrency))
-    futures = [pool.submit(judge_one, i) for i in todo]
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc="judge") as bar:
-        for future in futures:
-            future.add_done_callback(lambda f: f.cancelled() or bar.update(1))
-        try:
-            wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((f for f in futures if f.done() and not f.cancelled()
-                           and f.exception() is not None), None)
-            if failed is not None:
-                raise failed.exception()
-        except BaseException as err:
-            stop.set()
-            getattr(judge, "stop_event", threading.Event()).set()  # retries give up now
-            for future in futures:
-                future.cancel()  # not yet sent: never sent; in flight: finishes, is cached
-            pool.shutdown(wait=True)
-            if isinstance(err, JudgeError):
-                cached = sum(k in cache for k in keys)
-                raise JudgeError(f"{err}. {cached} of {len(items)} pairs are judged and cached "
-                                 f"in {cache_path}; the same command resumes from there",
-                                 hint=err.hint) from err
-            raise
-        finally:
-            pool.shutdown(wait=True)
-            getattr(judge, "stop_event", threading.Event()).clear()  # the judge is reusable
-    verdicts = [cache[k]["verdict"] if k in cache else None for k in keys]
-    return JudgedPairs(verdicts, sorted(unjudged.values(), key=lambda r: r["index"]))
+    done = judge_cached(keys, judge_one, cache_path, concurrency=concurrency,
+                        stop_event=getattr(judge, "stop_event", None), what="pairs")
+    unjudged = [{"index": i, "key": keys[i], "prompt": excerpt(items[i][0]),
+                 "swapped": swapped[i], "problem": redact_text(err.problem),
+                 "replies": err.replies, "reply": excerpt(redact_text(err.reply))}
+                for i, err in done.unusable.items()]
+    return JudgedPairs([r["verdict"] if r else None for r in done.records], unjudged)
 
 
 def write_unjudged(path: str, records: Sequence[dict]) -> None:
@@ -212,21 +185,26 @@ def unjudged_line(job: str, count: int, what: str, path: str) -> str:
 
 
 def _prompt_field(prompt: formats.Prompt) -> Any:
+    """pairs.jsonl's `prompt`: the text of a lone user message, else the whole conversation
+    as a messages list (system message included; formats.read_pairs reads both)."""
     messages = prompt.conversation.messages
     return messages[0].content if len(messages) == 1 else formats.messages_to_json(messages)
 
 
 def pair_items(prompts: Sequence[formats.Prompt], responses: Sequence[Sequence[str]]
-               ) -> tuple[list[tuple[str, str, str]], list[int]]:
+               ) -> tuple[list[tuple[str | formats.Conversation, str, str]], list[int]]:
     """(prompt, a, b) items from responses[k][i] (k-th response to prompt i), pairing 0-1,
     2-3, ...; identical answers are skipped (a tie: nothing to learn, nothing to pay). Also
-    the prompt index of each item."""
+    the prompt index of each item. The prompt is what the judge is shown
+    (judge.judged_prompt): the text of a single-turn prompt, the Conversation of a multi-turn
+    one (the judge sees its earlier turns; its cache key covers them)."""
     items, owners = [], []
     for i, prompt in enumerate(prompts):
+        judged = judged_prompt(prompt.conversation)
         for k in range(0, len(responses) - 1, 2):
             a, b = responses[k][i], responses[k + 1][i]
             if a != b:
-                items.append((prompt.text, a, b))
+                items.append((judged, a, b))
                 owners.append(i)
     return items, owners
 

@@ -2,13 +2,27 @@
 and a rule judge — written in the file formats users bring, so the real code paths run.
 
     write_suite("workdir/data", seed=0)   # sft_{train,valid}.jsonl (ShareGPT), pairs_{train,
-                                          # valid}.jsonl, prompts_{train,valid,test}.jsonl
+                                          # valid}.jsonl, prompts_{train,valid,test}.jsonl,
+                                          # prompts_multiturn_{train,valid,test}.jsonl
     judge = RuleJudge(); judge.rate(prompt, response)  # → Rating(score 1..10, correct, reason)
 
 Every answer is stated as "The answer is X." Families: arithmetic, reversing, sorting,
 counting, case conversion, picking the largest, parity, first letter, last digit, repeating.
 The judge recomputes the answer from the prompt text alone, then scores correctness first and
 concision second.
+
+Multi-turn items: a family prompt, an assistant answer, then a follow-up about that answer
+("Now write your answer in uppercase.", "What is the first character of your answer?",
+"Reverse your answer."; FOLLOW_UPS). The correct follow-up answer is the follow-up applied to
+the *correct* answer of the turn before, which the judge recomputes from that turn's prompt:
+the assistant messages in the context are never read, so a wrong earlier answer does not
+change what is correct (a good follow-up answer also fixes the earlier mistake). A prompt may
+be a str (one turn), a formats.Conversation, or its messages (formats.Message or
+{"role", "content"} dicts). In the suite, a share of the train and valid prompts
+(`multiturn_fraction`) also appears as a two-exchange SFT conversation (loss on both answers)
+and a multi-turn pair (prompt = the messages list); prompts_multiturn_* hold one multi-turn
+prompt per prompt of the split (the earlier answer the ideal one). The prompts_* files stay
+single-turn: they feed AlpacaEval-style evaluation, rejection sampling and PPO.
 """
 
 from __future__ import annotations
@@ -47,7 +61,7 @@ class Family:
     solve: Callable[[re.Match], str]  # the answer, from the prompt alone
 
 
-SUITE_VERSION = 4  # bumped whenever write_suite writes something else for the same arguments
+SUITE_VERSION = 5  # bumped whenever write_suite writes something else for the same arguments
 
 
 def _words(rng, n):
@@ -116,6 +130,71 @@ def solve(prompt: str) -> tuple[str, str] | None:
     return None
 
 
+# --- multi-turn: follow-ups about the previous answer ---------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FollowUp:
+    name: str
+    request: str  # the user's follow-up message
+    apply: Callable[[str], str]  # the follow-up's answer, from the previous (correct) answer
+    changes: Callable[[str], bool]  # whether it changes that answer (else it tests nothing)
+
+
+FOLLOW_UPS = (
+    FollowUp("uppercase", "Now write your answer in uppercase.", str.upper,
+             lambda a: a.upper() != a),
+    FollowUp("first_character", "What is the first character of your answer?",
+             lambda a: a[0], lambda a: len(a) > 1),
+    FollowUp("reverse", "Reverse your answer.", lambda a: a[::-1], lambda a: a[::-1] != a),
+)
+
+
+def follow_up_of(request: str) -> FollowUp | None:
+    return next((f for f in FOLLOW_UPS if f.request == request.strip()), None)
+
+
+def user_requests(prompt) -> list[str]:
+    """The user messages of a prompt: a str (one turn), a formats.Conversation, or its
+    messages (formats.Message or {"role", "content"} dicts)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    messages = prompt.messages if isinstance(prompt, formats.Conversation) else prompt
+    out = []
+    for message in messages:
+        role, content = ((message.get("role"), message.get("content"))
+                         if isinstance(message, dict) else (message.role, message.content))
+        if role == formats.USER:
+            out.append(content)
+    return out
+
+
+def solve_conversation(prompt) -> tuple[str, str] | None:
+    """(name, correct answer to the last user message) for a prompt of the suite (see
+    user_requests), else None. A family prompt is answered from its own text; a follow-up
+    applies to the correct answer of the user turn before it (the assistant's earlier
+    answers are context, never read), so follow-ups chain: name 'reverse+uppercase'."""
+    names: list[str] = []
+    answer = None
+    for request in user_requests(prompt):
+        solved = solve(request)
+        follow_up = None if solved else follow_up_of(request)
+        if solved:  # a new question: what came before does not matter
+            names, answer = [solved[0]], solved[1]
+        elif follow_up is not None and answer is not None:
+            names, answer = names + [follow_up.name], follow_up.apply(answer)
+        else:  # not verifiable, nor anything that follows up on it
+            names, answer = [], None
+    return ("+".join(names), answer) if answer is not None else None
+
+
+def choose_follow_up(prompt: str, answer: str) -> FollowUp | None:
+    """The follow-up a multi-turn item of the suite asks after `prompt` (answered `answer`):
+    drawn from a hash of the prompt among those that change the answer; None when none does
+    (a single digit or letter)."""
+    useful = [f for f in FOLLOW_UPS if f.changes(answer)]
+    return useful[_unit(prompt, "follow-up") * len(useful) // 0x100000000] if useful else None
+
+
 def ideal_response(answer: str) -> str:
     return f"The answer is {answer}."
 
@@ -125,8 +204,9 @@ def wrong_answer(answer: str, rng: np.random.Generator) -> str:
     little, or the words/letters scrambled."""
     if answer in ("even", "odd"):
         return "odd" if answer == "even" else "even"
-    if re.fullmatch(r"[a-z0-9]", answer):
-        alphabet = "0123456789" if answer.isdigit() else "abcdefghijklmnopqrstuvwxyz"
+    if re.fullmatch(r"[a-zA-Z0-9]", answer):
+        alphabet = "0123456789" if answer.isdigit() else "ABCDEFGHIJKLMNOPQRSTUVWXYZ" \
+            if answer.isupper() else "abcdefghijklmnopqrstuvwxyz"
         return alphabet[(alphabet.index(answer) + int(rng.integers(1, len(alphabet))))
                         % len(alphabet)]
     if re.fullmatch(r"-?\d+", answer):
@@ -165,10 +245,16 @@ class RuleJudge:
     one 2-3, none at all 1. Unknown prompts raise ValueError."""
     name = "rule-judge-v1"
 
-    def rate(self, prompt: str, response: str) -> Rating:
-        solved = solve(prompt)
+    def rate(self, prompt, response: str) -> Rating:
+        """`prompt`: a str, or a conversation (solve_conversation) whose last user message
+        the response answers."""
+        solved = solve_conversation(prompt)
         if solved is None:
-            raise ConfigError(f"the rule judge cannot verify this prompt: {prompt[:80]!r}")
+            requests = user_requests(prompt)
+            last = requests[-1] if requests else ""
+            turns = f" (after {len(requests) - 1} earlier user turns)" if len(requests) > 1 \
+                else ""
+            raise ConfigError(f"the rule judge cannot verify this prompt: {last[:80]!r}{turns}")
         _, answer = solved
         stated = ANSWER.findall(response)
         ideal = len(ideal_response(answer))
@@ -183,8 +269,9 @@ class RuleJudge:
         return Rating(3 if verbosity < 2 else 2, False,
                       f"wrong answer {stated[-1].strip()!r} (expected {answer!r})")
 
-    def compare(self, prompt: str, response_a: str, response_b: str) -> dict:
-        """Pairwise verdict in the judge output format: which is better and by how much."""
+    def compare(self, prompt, response_a: str, response_b: str) -> dict:
+        """Pairwise verdict in the judge output format: which is better and by how much
+        (`prompt` as in rate)."""
         a, b = self.rate(prompt, response_a), self.rate(prompt, response_b)
         better = "A" if a.score > b.score else "B" if b.score > a.score else "tie"
         return {"better": better, "rating_a": a.score, "rating_b": b.score,
@@ -197,9 +284,14 @@ class RuleJudge:
 SPLITS = ("train", "valid", "test")
 
 
+def _unit(prompt: str, salt: str = "") -> int:
+    """32 bits of a hash of the prompt (salted: independent draws for one prompt)."""
+    return int(hashlib.sha256((salt + prompt).encode()).hexdigest()[:8], 16)
+
+
 def split_of(prompt: str, valid_fraction: float, test_fraction: float) -> str:
     """A prompt's split from a hash of its text: the same prompt always lands in one split."""
-    u = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    u = _unit(prompt) / 0xFFFFFFFF
     return "test" if u < test_fraction else "valid" if u < test_fraction + valid_fraction \
         else "train"
 
@@ -221,22 +313,51 @@ def make_prompts(seed: int, count: int) -> list[str]:
     return prompts
 
 
+def _exchange(prompt: str, answer: str) -> tuple[formats.Message, formats.Message]:
+    return formats.Message(formats.USER, prompt), formats.Message(formats.ASSISTANT, answer)
+
+
+def multiturn_prompt(prompt: str, earlier_answer: str) -> tuple[formats.Message, ...] | None:
+    """(prompt, the assistant's `earlier_answer`, a follow-up about it): a multi-turn prompt
+    of the suite, or None when no follow-up changes the prompt's answer (choose_follow_up)."""
+    follow_up = choose_follow_up(prompt, solve(prompt)[1])
+    if follow_up is None:
+        return None
+    return (*_exchange(prompt, earlier_answer), formats.Message(formats.USER, follow_up.request))
+
+
+def is_multiturn_item(prompt: str, fraction: float) -> bool:
+    """Whether a train/valid prompt also makes a multi-turn SFT example and pair: drawn from
+    a hash of the prompt (so the share does not depend on the order or the other prompts)."""
+    return (_unit(prompt, "multiturn") < fraction * 0x100000000
+            and choose_follow_up(prompt, solve(prompt)[1]) is not None)
+
+
 def write_suite(out_dir: str, seed: int = 0, num_prompts: int = 3000,
                 valid_fraction: float = 0.1, test_fraction: float = 0.1,
-                wrong_rate: float = 0.3, verbose_rate: float = 0.3) -> dict[str, str]:
-    """Writes the suite; returns {name: path}. Deterministic in its arguments."""
+                wrong_rate: float = 0.3, verbose_rate: float = 0.3,
+                multiturn_fraction: float = 0.15) -> dict[str, str]:
+    """Writes the suite; returns {name: path}. Deterministic in its arguments.
+
+    A `multiturn_fraction` of the train and valid prompts also makes a multi-turn item (a
+    follow-up about the answer: the module docstring), appended to sft_train, sft_valid,
+    pairs_train and pairs_valid; prompts_multiturn_<split> hold a multi-turn prompt for every
+    prompt of the split that has a follow-up. The multi-turn items draw from random streams of
+    their own, so the single-turn records do not depend on them."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng([seed, 1])
     judge = RuleJudge()
     by_split = {s: [] for s in SPLITS}
     for prompt in make_prompts(seed, num_prompts):
         by_split[split_of(prompt, valid_fraction, test_fraction)].append(prompt)
-    def pair(prompt, first, second):
+
+    def pair(prompt, first, second):  # prompt: a str, or the messages of a multi-turn prompt
         verdict = judge.compare(prompt, first, second)
         if verdict["better"] == "tie":
             return None
         chosen, rejected = (first, second) if verdict["better"] == "A" else (second, first)
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+        return {"prompt": prompt if isinstance(prompt, str) else formats.messages_to_json(prompt),
+                "chosen": chosen, "rejected": rejected,
                 "chosen_rating": max(verdict["rating_a"], verdict["rating_b"]),
                 "rejected_rating": min(verdict["rating_a"], verdict["rating_b"])}
 
@@ -244,8 +365,7 @@ def write_suite(out_dir: str, seed: int = 0, num_prompts: int = 3000,
     for prompt in by_split["train"]:
         answer = solve(prompt)[1]
         response = imperfect_response(answer, rng, wrong_rate, verbose_rate)
-        conversation = formats.Conversation((formats.Message(formats.USER, prompt),
-                                             formats.Message(formats.ASSISTANT, response)))
+        conversation = formats.Conversation(_exchange(prompt, response))
         sft.append(formats.conversation_to_sharegpt(conversation))
         made = pair(prompt, response, imperfect_response(answer, rng, wrong_rate, verbose_rate))
         if made:
@@ -254,13 +374,37 @@ def write_suite(out_dir: str, seed: int = 0, num_prompts: int = 3000,
     valid_pairs = [made for prompt in by_split["valid"] for made in [pair(
         prompt, *(imperfect_response(solve(prompt)[1], valid_rng, wrong_rate, verbose_rate)
                   for _ in range(2)))] if made]
+    sft_valid = [formats.conversation_to_sharegpt(formats.Conversation(_exchange(
+        p, ideal_response(solve(p)[1])))) for p in by_split["valid"]]
+
+    # Multi-turn items. The earlier answer in the context is an SFT-style answer without
+    # filler (wrong at wrong_rate: the follow-up is still judged against the correct one), so
+    # two exchanges fit the quickstart's 512 byte tokens.
+    for split, stream, sft_records, pair_records in (("train", 3, sft, pairs),
+                                                      ("valid", 4, sft_valid, valid_pairs)):
+        mt_rng = np.random.default_rng([seed, stream])
+        for prompt in (p for p in by_split[split] if is_multiturn_item(p, multiturn_fraction)):
+            earlier = imperfect_response(solve(prompt)[1], mt_rng, wrong_rate, 0.0)
+            context = multiturn_prompt(prompt, earlier)
+            answer = solve_conversation(context)[1]
+            first, second = (imperfect_response(answer, mt_rng, wrong_rate, verbose_rate)
+                             for _ in range(2))
+            if split == "train":
+                sft_records.append(formats.conversation_to_sharegpt(formats.Conversation(
+                    context + (formats.Message(formats.ASSISTANT, first),))))
+            else:  # held out: the ideal answers, like the single-turn ones
+                sft_records.append(formats.conversation_to_sharegpt(formats.Conversation(
+                    multiturn_prompt(prompt, ideal_response(solve(prompt)[1]))
+                    + (formats.Message(formats.ASSISTANT, ideal_response(answer)),))))
+            made = pair(context, first, second)
+            if made:
+                pair_records.append(made)
+
     paths = {"sft_train": os.path.join(out_dir, "sft_train.jsonl"),
              "sft_valid": os.path.join(out_dir, "sft_valid.jsonl"),
              "pairs_train": os.path.join(out_dir, "pairs_train.jsonl")}
     formats.write_jsonl(paths["sft_train"], sft)
-    formats.write_jsonl(paths["sft_valid"], [formats.conversation_to_sharegpt(
-        formats.Conversation((formats.Message(formats.USER, p), formats.Message(
-            formats.ASSISTANT, ideal_response(solve(p)[1]))))) for p in by_split["valid"]])
+    formats.write_jsonl(paths["sft_valid"], sft_valid)
     formats.write_jsonl(paths["pairs_train"], pairs)
     paths["pairs_valid"] = os.path.join(out_dir, "pairs_valid.jsonl")
     formats.write_jsonl(paths["pairs_valid"], valid_pairs)
@@ -268,7 +412,23 @@ def write_suite(out_dir: str, seed: int = 0, num_prompts: int = 3000,
         paths[f"prompts_{split}"] = os.path.join(out_dir, f"prompts_{split}.jsonl")
         formats.write_jsonl(paths[f"prompts_{split}"], [
             {"prompt": p, "answer": solve(p)[1], "family": solve(p)[0]} for p in by_split[split]])
+    for split in SPLITS:
+        name = f"prompts_multiturn_{split}"
+        paths[name] = os.path.join(out_dir, f"{name}.jsonl")
+        formats.write_jsonl(paths[name], [
+            multiturn_prompt_record(p) for p in by_split[split]
+            if choose_follow_up(p, solve(p)[1]) is not None])
     return paths
+
+
+def multiturn_prompt_record(prompt: str) -> dict:
+    """A prompts_multiturn_* record: the messages (the earlier answer the ideal one), the
+    correct final answer, the first turn's family and the follow-up."""
+    messages = multiturn_prompt(prompt, ideal_response(solve(prompt)[1]))
+    name, answer = solve_conversation(messages)
+    family, follow_up = name.split("+")
+    return {"prompt": formats.messages_to_json(messages), "answer": answer, "family": family,
+            "follow_up": follow_up}
 
 
 def suite_file(name: str, out_dir: str, seed: int = 0, num_prompts: int = 3000,

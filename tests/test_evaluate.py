@@ -49,7 +49,8 @@ def test_length_controlled_win_rate_by_hand():
     row = winrate.leaderboard_row(prefs, model, reference)
     assert (row["n_wins"], row["n_wins_base"], row["n_draws"], row["n_total"]) == (6, 4, 0, 10)
     assert row["avg_length"] == 100 and row["n_unjudged"] == 0
-    assert set(row) == {*winrate.LEADERBOARD_COLUMNS, "n_unjudged"}
+    assert set(row) == {*winrate.LEADERBOARD_COLUMNS, "n_unjudged", "length_controlled_variant"}
+    assert row["length_controlled_variant"] == "length_only"  # no difficulty file
 
 
 def _reference_lc(preferences, model_lengths, reference_lengths, ridge):
@@ -137,6 +138,78 @@ def test_unjudged_preferences_are_left_out_and_counted():
         winrate.leaderboard_row([None, None], [1, 2], [3, 4])
 
 
+def write_df_gamed(path, n, *, skip=()):
+    """A df_gamed.csv as AlpacaEval ships it (its columns; preference on its [0, 1] scale)
+    for instructions 0..n-1 except `skip`, two gamed baselines; the difficulty of index i is
+    (i % 5 - 2) / 2, and the baselines win more often the higher it is."""
+    rows = ["model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline"]
+    for model, sign in (("gpt4_1106_preview_verbose", 1), ("gpt4_1106_preview_concise", -1)):
+        rows += [f"{model},{i},{(i % 5) / 4},{sign * (1 + i % 4) / 2},{(i % 5 - 2) / 2},False"
+                 for i in range(n) if i not in skip]
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_difficulty_files_are_read_as_alpaca_eval_ships_them(tmp_path):
+    gamed = winrate.read_instruction_difficulty(write_df_gamed(tmp_path / "df_gamed.csv", 4))
+    assert gamed.variant == "alpaca_eval_2.0"
+    assert gamed.difficulty == {0: -1.0, 1: -0.5, 2: 0.0, 3: 0.5}
+    np.testing.assert_allclose(gamed.for_instructions([0, 1, 3]), [-1.0, -0.5, 0.5])
+    # Rows: tanh(std_delta_len), difficulty, not_gamed_baseline; weight lambda / 2 = 0.1.
+    np.testing.assert_allclose(gamed.gamed_features[:2], [[np.tanh(0.5), -1, 0],
+                                                          [np.tanh(1.0), -0.5, 0]])
+    np.testing.assert_allclose(gamed.gamed_preferences[:3], [0, 0.25, 0.5])
+    assert gamed.gamed_features.shape == (8, 3) and set(gamed.gamed_weights) == {0.1}
+    alone = tmp_path / "instruction_difficulty.csv"
+    alone.write_text("index,instruction_difficulty\n0,0.25\n1,-1.5\n")
+    difficulty = winrate.read_instruction_difficulty(str(alone))
+    assert difficulty.variant == "alpaca_eval_2.0_noreg" and difficulty.gamed_features is None
+    assert difficulty.difficulty == {0: 0.25, 1: -1.5}
+    with pytest.raises(formats.DataFormatError,
+                       match=r"instruction_difficulty.csv: no instruction_difficulty for 2 of "
+                             r"the 4 instructions evaluated \(index 2, 3; the file has 2\)"):
+        difficulty.for_instructions(range(4))
+    alone.write_text("index,instruction_difficulty\n0,0.25\n1,hard\n")
+    with pytest.raises(formats.DataFormatError,
+                       match=r"instruction_difficulty.csv:3: field 'instruction_difficulty': "
+                             r"expected a number, got 'hard'"):
+        winrate.read_instruction_difficulty(str(alone))
+    alone.write_text("index,instruction_difficulty\n0,0.25\n1\n")
+    with pytest.raises(formats.DataFormatError,
+                       match=r"instruction_difficulty.csv:3: field 'instruction_difficulty': "
+                             r"missing"):
+        winrate.read_instruction_difficulty(str(alone))
+    alone.write_text("index,difficulty\n0,0.25\n")
+    with pytest.raises(formats.DataFormatError, match=r"expected AlpacaEval's df_gamed.csv"):
+        winrate.read_instruction_difficulty(str(alone))
+    with pytest.raises(formats.DataFormatError, match="cannot read"):
+        winrate.read_instruction_difficulty(str(tmp_path / "missing.csv"))
+
+
+def test_official_length_controlled_fit_edge_cases(tmp_path):
+    """AlpacaEval 2.0's GLM stays defined (tests/test_lc_alpaca_eval.py compares it with
+    alpaca_eval itself, unjudged rows included)."""
+    difficulty = winrate.read_instruction_difficulty(write_df_gamed(tmp_path / "g.csv", 8))
+    lengths = [10, 200, 30, 40, 60, 70]
+    for prefs, reference in (([2] * 6, [50] * 6), ([1] * 6, [50] * 6), ([1.5] * 6, [50] * 6),
+                             ([2, 1, 2, 1.5, 1, 1], lengths), ([2], [10])):
+        lc = winrate.alpaca_eval_length_controlled_win_rate(prefs, lengths[:len(prefs)],
+                                                            reference, difficulty)
+        assert 0 <= lc <= 100 and math.isfinite(lc)
+    # Identical lengths, n = 1: the length feature is 0, so lengths do not matter.
+    np.testing.assert_allclose(winrate.standardised_length_feature(np.array([3.0])), [0])
+    np.testing.assert_allclose(winrate.standardised_length_feature(np.zeros(3)), [0, 0, 0])
+    np.testing.assert_allclose(winrate.standardised_length_feature(np.full(3, -4.0)), [-1] * 3)
+    d = np.array([10.0, -20.0, 40.0])
+    np.testing.assert_allclose(winrate.standardised_length_feature(d),
+                               np.tanh(d / np.std(d, ddof=1)))
+    row = winrate.leaderboard_row([2, None, 1, 2, 1.5, 2], lengths, [50] * 6, difficulty)
+    assert row["length_controlled_winrate"] == winrate.alpaca_eval_length_controlled_win_rate(
+        [2, None, 1, 2, 1.5, 2], lengths, [50] * 6, difficulty)
+    assert (row["length_controlled_variant"], row["n_total"], row["n_unjudged"]) == (
+        "alpaca_eval_2.0", 5, 1)
+
+
 def test_order_randomisation_is_deterministic_and_balanced():
     instructions = [f"instruction {i}" for i in range(2000)]
     first = [pairwise.swapped_order(s, seed=0) for s in instructions]
@@ -202,6 +275,7 @@ def test_evaluate_job_with_the_rule_judge(outputs, tmp_path, capsys):
     assert table[0][""] == "aligned"
     assert list(table[0])[1:] == [*winrate.LEADERBOARD_COLUMNS, *pairwise.EXTRA_COLUMNS]
     assert table[0]["n_unjudged"] == "0" and table[0]["rm_win_rate"] == ""
+    assert table[0]["length_controlled_variant"] == "length_only"
     summary = json.load(open(tmp_path / "eval" / SUMMARY_FILE))
     assert summary["win_rate"] == row["win_rate"] and summary["n_unjudged"] == 0
     assert summary["judge"] == judge.model and summary["generator"] == "aligned"
@@ -239,6 +313,65 @@ def test_evaluate_gin_run(outputs, tmp_path):
     with pytest.raises(StageChanged, match=r"name: \"aligned\" → \"renamed\""):
         launch.run_gin_job(["runs/evaluate.gin"],
                            bindings + ["pairwise.evaluate_job.name = 'renamed'"])
+
+
+def test_evaluate_job_with_alpaca_evals_difficulty_file(outputs, tmp_path, capsys):
+    gamed = write_df_gamed(tmp_path / "df_gamed.csv", 12)
+    row = evaluate(outputs, tmp_path / "eval", RuleJudge(), instruction_difficulty=gamed)
+    annotations = json.load(open(tmp_path / "eval" / pairwise.ANNOTATIONS_FILE))
+    prefs = [a["preference"] for a in annotations]
+    model = [len(a["output_2"]) for a in annotations]
+    reference = [len(a["output_1"]) for a in annotations]
+    expected = winrate.alpaca_eval_length_controlled_win_rate(
+        prefs, model, reference, winrate.read_instruction_difficulty(gamed))
+    assert row["length_controlled_winrate"] == pytest.approx(expected)
+    assert row["length_controlled_winrate"] != pytest.approx(
+        winrate.length_controlled_win_rate(prefs, model, reference), abs=0.1)
+    assert row["length_controlled_variant"] == "alpaca_eval_2.0"
+    assert f"LC {expected:.1f}, alpaca_eval_2.0)" in capsys.readouterr().out
+    summary = json.load(open(tmp_path / "eval" / SUMMARY_FILE))
+    assert summary["length_controlled_variant"] == "alpaca_eval_2.0"
+    assert summary["instruction_difficulty_file"] == gamed
+    with open(tmp_path / "eval" / pairwise.LEADERBOARD_FILE) as f:
+        [table] = list(csv.DictReader(f))
+    assert list(table)[1:9] == list(winrate.LEADERBOARD_COLUMNS)
+    assert list(table)[-1] == "length_controlled_variant"
+    assert table["length_controlled_variant"] == "alpaca_eval_2.0"
+    assert float(table["length_controlled_winrate"]) == pytest.approx(expected)
+    # Another difficulty file is another evaluation: refused, naming it.
+    other = write_df_gamed(tmp_path / "other.csv", 13)
+    with pytest.raises(StageChanged, match=r"instruction_difficulty\.sha256: "):
+        evaluate(outputs, tmp_path / "eval", RuleJudge(), instruction_difficulty=other)
+    # A file without some of the instructions: an error before the judge is asked.
+    judge = CountingJudge()
+    with pytest.raises(formats.DataFormatError,
+                       match=r"short.csv: no instruction_difficulty for 2 of the 12 "
+                             r"instructions evaluated \(index 3, 11; the file has 10\)"):
+        evaluate(outputs, tmp_path / "eval2", judge,
+                 instruction_difficulty=write_df_gamed(tmp_path / "short.csv", 12, skip=(3, 11)))
+    assert judge.seen == []
+    # An instruction's index is its position in the reference outputs (alpaca_eval's order).
+    with open(outputs["reference"]) as f:
+        records = json.load(f)
+    with open(outputs["reference"], "w") as f:
+        json.dump(records[::-1], f)
+    row = evaluate(outputs, tmp_path / "eval3", RuleJudge(), instruction_difficulty=gamed)
+    assert row["length_controlled_winrate"] == pytest.approx(
+        winrate.alpaca_eval_length_controlled_win_rate(
+            prefs, model, reference, winrate.read_instruction_difficulty(gamed),
+            indices=list(range(11, -1, -1))))
+    assert row["length_controlled_winrate"] != pytest.approx(expected, abs=1e-3)
+
+
+def test_evaluate_gin_run_with_the_difficulty_file(outputs, tmp_path):
+    from xwin_jax import launch
+
+    gamed = write_df_gamed(tmp_path / "df_gamed.csv", 12)
+    out = tmp_path / "eval"
+    row = launch.run_gin_job(["runs/evaluate.gin"], [
+        f"MODEL_OUTPUTS = '{outputs['model']}'", f"REFERENCE_OUTPUTS = '{outputs['reference']}'",
+        f"OUTPUT_DIR = '{out}'", f"INSTRUCTION_DIFFICULTY = '{gamed}'"])
+    assert row["length_controlled_variant"] == "alpaca_eval_2.0"
 
 
 def test_reward_model_columns(outputs, tmp_path, capsys):

@@ -20,15 +20,20 @@ Writes to OUTPUT_DIR:
 - unjudged.jsonl: the unjudged instructions (index, instruction excerpt, problem, an excerpt of
   the last reply), rewritten each run.
 - leaderboard.csv: the generator's row, AlpacaEval's columns first and unchanged, then
-  `n_unjudged` and, with a reward model, `rm_mean_reward`, `rm_mean_reward_reference`,
-  `rm_win_rate`.
+  `n_unjudged`, with a reward model `rm_mean_reward`, `rm_mean_reward_reference`,
+  `rm_win_rate`, and `length_controlled_variant`: which length-controlled win rate
+  `length_controlled_winrate` is — "alpaca_eval_2.0" (AlpacaEval 2.0's GLM, exactly, with
+  `instruction_difficulty` = its df_gamed.csv), "alpaca_eval_2.0_noreg" (the same GLM
+  without the gamed baselines, from its instruction_difficulty.csv) or "length_only" (no
+  difficulty file: the length part of the GLM only; evaluate/winrate.py).
 - summary.json: this run's row (win rate, SE, LC, counts, n_unjudged, judge, mean ratings, the
   RM columns) and the paths of the files above.
 
 OUTPUT_DIR is a stage (train/stage.py): its fingerprint is the contents of both outputs
 files, the judge (its fingerprint(): model, sampling settings, prompt — not its key or
-endpoint), the row's name, the seed and the reward model. A rerun of a finished evaluation
-skips it; one that changed any of these is refused naming it (one evaluation per directory).
+endpoint), the row's name, the seed, the reward model and the difficulty file (when
+given). A rerun of a finished evaluation skips it; one that changed any of these is refused
+naming it (one evaluation per directory).
 
 Unjudged instructions are left out of the win rate (and of n_total) and reported in
 `n_unjudged` and in a printed line; a rerun of the same command asks the judge again for
@@ -62,7 +67,8 @@ from xwin_jax.data import formats
 from xwin_jax.data.formats import DataFormatError
 from xwin_jax.data.vocabulary import resolve_vocabulary
 from xwin_jax.errors import UserError
-from xwin_jax.evaluate.winrate import LEADERBOARD_COLUMNS, leaderboard_row
+from xwin_jax.evaluate.winrate import LEADERBOARD_COLUMNS, VARIANT_LENGTH_ONLY, \
+    InstructionDifficulty, leaderboard_row, read_instruction_difficulty
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.spec import open_checkpoint
 from xwin_jax.partitioning import Partitioner
@@ -74,7 +80,7 @@ LEADERBOARD_FILE = "leaderboard.csv"
 CACHE_FILE = "judge_cache.jsonl"
 RM_COLUMNS = ("rm_mean_reward", "rm_mean_reward_reference", "rm_win_rate")
 # After AlpacaEval's columns, which stay first and unchanged.
-EXTRA_COLUMNS = ("n_unjudged", *RM_COLUMNS)
+EXTRA_COLUMNS = ("n_unjudged", *RM_COLUMNS, "length_controlled_variant")
 
 
 def read_outputs(path: str) -> list[dict]:
@@ -187,18 +193,31 @@ def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, ju
                  reward_dir: str | None = None, vocabulary: Any = None,
                  reward_seq_len: int = 1024, reward_batch_size: int = 32,
                  model: LlamaConfig | None = None,
-                 partitioner: Partitioner | None = None) -> dict:
+                 partitioner: Partitioner | None = None,
+                 instruction_difficulty: str | None = None) -> dict:
     """Judges MODEL_OUTPUTS against REFERENCE_OUTPUTS into OUTPUT_DIR, the 'evaluate' stage
     (train/stage.py: its fingerprint is both files' contents, the judge, the row's name, the
-    seed and the reward model); writes annotations.json, unjudged.jsonl, leaderboard.csv and
-    summary.json. Returns the summary: the row (AlpacaEval's columns, n_unjudged, judge, mean
-    ratings, and the RM columns when reward_dir is set) and the files' paths. With
+    seed, the reward model and the difficulty file); writes annotations.json,
+    unjudged.jsonl, leaderboard.csv and summary.json. Returns the summary: the row
+    (AlpacaEval's columns, n_unjudged, judge, mean ratings, the RM columns when reward_dir
+    is set, length_controlled_variant) and the files' paths. With
     `reward_dir`, the outputs are also scored by that reward model, tokenized with the
-    vocabulary it records unless `vocabulary` says otherwise; `model` sets its numerics."""
+    vocabulary it records unless `vocabulary` says otherwise; `model` sets its numerics.
+    With `instruction_difficulty` (AlpacaEval's df_gamed.csv, or its
+    instruction_difficulty.csv), the LC is AlpacaEval 2.0's GLM; an instruction's index in
+    that file is its position in REFERENCE_OUTPUTS, as in alpaca_eval (a DataFormatError
+    before any judging names the instructions the file lacks)."""
     model_records = read_outputs(model_outputs)
     if not model_records:
         raise DataFormatError(f"{model_outputs}: no outputs to evaluate")
-    matched = match_outputs(model_records, read_outputs(reference_outputs))
+    reference_records = read_outputs(reference_outputs)
+    matched = match_outputs(model_records, reference_records)
+    difficulty = indices = None
+    if instruction_difficulty:  # checked now, before the judge is paid
+        difficulty = read_instruction_difficulty(instruction_difficulty)
+        position = {r["instruction"]: i for i, r in enumerate(reference_records)}
+        indices = [position[m["instruction"]] for m, _ in matched]
+        difficulty.for_instructions(indices)
     name = name or model_records[0].get("generator") or "model"
     reward = None
     if reward_dir:
@@ -211,6 +230,8 @@ def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, ju
     settings = {"model_outputs": fingerprint.file_identity(model_outputs),
                 "reference_outputs": fingerprint.file_identity(reference_outputs),
                 "judge": judge, "name": name, "seed": seed, "reward_model": reward}
+    if difficulty is not None:  # only when set: older finished stages stay valid
+        settings["instruction_difficulty"] = fingerprint.file_identity(instruction_difficulty)
 
     def score() -> dict:  # loaded once the verdicts are in
         scorer = RewardScorer.load(reward_dir, model, partitioner or Partitioner())
@@ -225,14 +246,16 @@ def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, ju
             lambda: judge_outputs(matched, judge, os.path.join(stage_dir, CACHE_FILE),
                                   seed=seed, concurrency=concurrency))
         return _report(stage_dir, name, matched, annotations, unjudged, judge,
-                       score if reward else None)
+                       score if reward else None, difficulty, indices)
 
     return run_stage(output_dir, "evaluate", settings, body)
 
 
 def _report(stage_dir: str, name: str, matched: Sequence[tuple[dict, dict]],
             annotations: list[dict], unjudged: list[dict], judge: Any,
-            score: Callable[[], dict] | None) -> dict:
+            score: Callable[[], dict] | None,
+            difficulty: InstructionDifficulty | None = None,
+            indices: list[int] | None = None) -> dict:
     """The evaluate stage's files from its annotations (and `score`: the reward model's
     columns); returns its summary. Run on every host (the scoring is collective); host 0
     writes and prints."""
@@ -249,7 +272,7 @@ def _report(stage_dir: str, name: str, matched: Sequence[tuple[dict, dict]],
             hint="read the replies there: the judge must answer with the JSON verdict the "
                  "prompt asks for; the same command asks again for these only")
     row = leaderboard_row(preferences, [len(m["output"]) for m, _ in matched],
-                          [len(r["output"]) for _, r in matched])
+                          [len(r["output"]) for _, r in matched], difficulty, indices)
     row["judge"] = judge.model
     ratings = [a["rating_model"] for a in annotations if a["rating_model"] is not None]
     if ratings:
@@ -265,6 +288,8 @@ def _report(stage_dir: str, name: str, matched: Sequence[tuple[dict, dict]],
     summary = {"generator": name, **{k: _json_safe(v) for k, v in row.items()},
                "annotations_file": annotations_path, "leaderboard_file": leaderboard_path,
                "unjudged_file": unjudged_path}
+    if difficulty is not None:
+        summary["instruction_difficulty_file"] = difficulty.path
     if row["n_unjudged"]:  # the same command asks the judge again, for these only
         summary["incomplete"] = f"{row['n_unjudged']} instructions unjudged"
     return summary
@@ -272,8 +297,11 @@ def _report(stage_dir: str, name: str, matched: Sequence[tuple[dict, dict]],
 
 def _print_row(name: str, row: dict, stage_dir: str, unjudged_path: str, scored: bool
                ) -> None:
+    variant = row["length_controlled_variant"]
+    lc = f"LC {row['length_controlled_winrate']:.1f}" + (
+        "" if variant == VARIANT_LENGTH_ONLY else f", {variant}")
     print(f"[evaluate] {name}: win rate {row['win_rate']:.1f} ± {row['standard_error']:.1f} "
-          f"(LC {row['length_controlled_winrate']:.1f}) over {row['n_total']} instruction"
+          f"({lc}) over {row['n_total']} instruction"
           f"{'' if row['n_total'] == 1 else 's'} → {stage_dir}")
     if scored:
         print(f"[evaluate] reward model: mean reward {row['rm_mean_reward']:.3f} (reference "

@@ -78,7 +78,8 @@ def test_best_of_k_uses_the_first_k_samples_only():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"rejected": "worst"}, "choose one of"), ({"rejected": "rank", "rank": 0}, "runner-up"),
-    ({"percentile": 120}, r"\[0, 100\]"), ({"min_margin": -1}, ">= 0"), ({"best_of": 0}, "at least 1")])
+    ({"percentile": 120}, r"\[0, 100\]"), ({"min_margin": -1}, ">= 0"),
+    ({"best_of": 0}, "at least 1")])
 def test_bad_rules_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         xwin_set.PairRule(**kwargs)

@@ -162,6 +162,13 @@ def test_only_what_changed_runs_again(inputs, finished, tmp_path, capsys):
     assert len(expected) == three["selection"]["kept"] >= 2
     assert [w["conversations"][-1]["value"] for w in records(
         tmp_path / "xwin_set" / "best_of_3.jsonl")] == expected
+    # A sweep point with its own WORKDIR shares the samples through samples_dir.
+    capsys.readouterr()
+    point = train(inputs, tmp_path / "sweep_point", best_of=3,
+                  samples_dir=str(tmp_path / "xwin_set"))
+    assert "[xwin_set] already finished" in capsys.readouterr().out
+    assert point["selection"] == three["selection"] and samples.stat().st_mtime_ns == drawn
+    assert not (tmp_path / "sweep_point" / "xwin_set").exists()
     with pytest.raises(ValueError, match="best_of=5: choose k in 1..num_samples"):
         train(inputs, tmp_path, best_of=5)
     # With overwrite only the fine-tune runs again: the samples stay as they were drawn.

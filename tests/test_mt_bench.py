@@ -212,6 +212,14 @@ def test_rating_parsed_as_fastchat_parses_it(text):
     assert type(prompts_lib.parse_rating(text)) is type(expected)
 
 
+def test_a_zero_padded_rating_is_read_not_fatal():
+    """FastChat's literal_eval raises SyntaxError on "07"; a temperature-0 judge would repeat
+    the reply on every rerun, so the number is read as the number it is."""
+    assert prompts_lib.parse_rating("Rating: [[07]]") == 7
+    assert prompts_lib.parse_rating("see arr[01] in the code") == 1
+    assert prompts_lib.parse_rating("Rating: [[08.50]]") == 8.5
+
+
 def test_math_questions_are_graded_against_the_reference():
     question = {"question_id": 1, "category": "math", "turns": ["What is 2 + 2?", "Uppercase."],
                 "expected": ["4", "4"]}

@@ -64,6 +64,18 @@ def test_overwrite_discards_the_stage_and_runs_it_again(tmp_path):
     assert not jobs.context().overwrite  # only for that job
 
 
+def test_overwrite_keeps_paid_judge_verdicts(tmp_path):
+    """judge_cache.jsonl is keyed by what was judged and who judged it: an overwrite (e.g.
+    evaluate with an instruction-difficulty file now) reuses it instead of paying again."""
+    body = Body()
+    run_stage(str(tmp_path / "s"), "evaluate", settings(), body)
+    (tmp_path / "s" / "judge_cache.jsonl").write_text('{"key": "k", "verdict": {}}\n')
+    jobs.run(lambda: run_stage(str(tmp_path / "s"), "evaluate", settings(lr=0.5), body),
+             output_dir=None, overwrite=True)
+    assert open(tmp_path / "s" / "work.txt").read() == "x"
+    assert (tmp_path / "s" / "judge_cache.jsonl").read_text() == '{"key": "k", "verdict": {}}\n'
+
+
 def test_an_unfinished_stage_resumes_with_the_same_settings(tmp_path):
     body = Body(fail=True)
     with pytest.raises(RuntimeError):

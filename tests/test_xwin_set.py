@@ -64,7 +64,7 @@ def test_prompts_without_a_usable_pair_are_skipped_and_counted():
     assert made.skipped == {"too_few": 1, "no_such_rank": 0, "identical": 1, "margin": 1}
     ranks = xwin_set.make_pairs([entry([3.0, 1.0])], xwin_set.PairRule("rank", rank=2))
     assert ranks.skipped["no_such_rank"] == 1 and not ranks.pairs
-    assert "1 too_few, 1 identical, 1 margin prompts skipped" in made.report()
+    assert "(prompts skipped: 1 too_few, 1 identical, 1 margin)" in made.report()
 
 
 def test_best_of_k_uses_the_first_k_samples_only():
@@ -151,3 +151,23 @@ def test_tiny_xwin_set_dpo_runs_from_the_gin_file(tmp_path):
     recorded = json.load(open(tmp_path / "dpo" / "fingerprint.json"))["fingerprint"]
     assert recorded["train_data"]["type"] == "XwinSetPairsData"
     assert recorded["train_data"]["rule"]["rejected"] == "lowest"
+
+
+def test_repeated_texts_count_once_at_their_best_place():
+    """With many samples of a short answer the runner-up is often the best again: the rule
+    picks among distinct texts."""
+    e = entry([3.0, 2.5, 1.0, 0.5], responses=["same", "same", "other", "same"])
+    [pair] = xwin_set.make_pairs([e], xwin_set.PairRule("rank", rank=1)).pairs
+    assert (pair.chosen, pair.rejected) == ("same", "other")
+    made = xwin_set.make_pairs([entry([1.0, 0.0], responses=["x", "x"])])
+    assert made.skipped["identical"] == 1 and not made.pairs
+
+
+def test_too_few_pairs_say_why(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    formats.write_jsonl(str(path), [{"index": i, "prompt": "Hi.", "responses": ["a", "b"],
+                                     "scores": [1.0, 0.0], "finished": [True, False]}
+                                    for i in range(3)])
+    with pytest.raises(ConfigError, match=r"0 Xwin-Set pairs \(rule 'lowest'; prompts "
+                                          r"skipped: 3 too_few\), fewer than batch_size=2"):
+        XwinSetPairsData([str(path)], seq_len=64, batch_size=2)

@@ -184,13 +184,6 @@ def unjudged_line(job: str, count: int, what: str, path: str) -> str:
             "rerun the same command to ask the judge again for those only")
 
 
-def _prompt_field(prompt: formats.Prompt) -> Any:
-    """pairs.jsonl's `prompt`: the text of a lone user message, else the whole conversation
-    as a messages list (system message included; formats.read_pairs reads both)."""
-    messages = prompt.conversation.messages
-    return messages[0].content if len(messages) == 1 else formats.messages_to_json(messages)
-
-
 def pair_items(prompts: Sequence[formats.Prompt], responses: Sequence[Sequence[str]]
                ) -> tuple[list[tuple[str | formats.Conversation, str, str]], list[int]]:
     """(prompt, a, b) items from responses[k][i] (k-th response to prompt i), pairing 0-1,
@@ -228,7 +221,8 @@ def annotate_responses(prompts: Sequence[formats.Prompt], responses: Sequence[Se
             ties += 1
             continue
         a_wins = verdict["better"] == "A"
-        pairs.append({"prompt": _prompt_field(prompts[owner]),
+        # pairs.jsonl's `prompt`: the text of a lone user message, else the conversation.
+        pairs.append({"prompt": formats.prompt_to_json(prompts[owner].conversation),
                       "chosen": a if a_wins else b, "rejected": b if a_wins else a,
                       "chosen_rating": verdict["rating_a"] if a_wins else verdict["rating_b"],
                       "rejected_rating": verdict["rating_b"] if a_wins else verdict["rating_a"]})

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from xwin_jax.data import converters, formats
-from xwin_jax.data.xwin_set import PairRule, make_pairs
+from xwin_jax.data.xwin_set import PairRule, make_pairs, skips_text
 from xwin_jax.data.batching import GlobalBatches, LazyVocabulary
 from xwin_jax.errors import ConfigError
 from xwin_jax.fingerprint import file_identity
@@ -50,15 +50,18 @@ class PairsData(LazyVocabulary, GlobalBatches):
             pairs, skipped = self._read(path)
             self.pairs += pairs
             self.skipped += skipped
-        if len(self.pairs) < self.batch_size:
-            raise ConfigError(f"{list(self.paths)}: {len(self.pairs)} pairs, fewer than "
-                              f"batch_size={self.batch_size}")
+        self._check_enough()
         self.num_pairs = len(self.pairs)
         self._bind_given()
 
     def _read(self, path: str) -> tuple[list[formats.PreferencePair], list[str]]:
         result = formats.read_pairs(path, skip_invalid=self.skip_invalid)
         return result.records, result.skipped
+
+    def _check_enough(self) -> None:
+        if len(self.pairs) < self.batch_size:
+            raise ConfigError(f"{list(self.paths)}: {len(self.pairs)} pairs, fewer than "
+                              f"batch_size={self.batch_size}")
 
     def _tokenize(self, vocab) -> None:
         self.arrays = converters.pairs_batch(self.pairs, vocab, self.seq_len, self.system)
@@ -98,8 +101,18 @@ class XwinSetPairsData(PairsData):
             self.pair_skips[reason] = self.pair_skips.get(reason, 0) + count
         return made.pairs, result.skipped
 
+    def _check_enough(self) -> None:
+        if len(self.pairs) < self.batch_size:
+            skips = skips_text(self.pair_skips) or "none"
+            raise ConfigError(
+                f"{list(self.paths)}: {len(self.pairs)} Xwin-Set pairs (rule "
+                f"{self.rule.rejected!r}; prompts skipped: {skips}), fewer than "
+                f"batch_size={self.batch_size}",
+                hint="too_few: raise the sampling's max_new_tokens or num_samples (unfinished "
+                     "samples never take part); margin: lower PairRule.min_margin")
+
     def report(self) -> str:
-        skips = ", ".join(f"{n} {reason}" for reason, n in self.pair_skips.items() if n)
+        skips = skips_text(self.pair_skips)
         return super().report().replace(
             "preference pairs", f"Xwin-Set pairs (rejected: {self.rule.rejected}"
             + (f"; prompts skipped: {skips}" if skips else "") + ")", 1)

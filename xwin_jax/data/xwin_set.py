@@ -12,8 +12,8 @@ Only the first k samples of each prompt count when `best_of=k` is set: the first
 samples drawn with per-(prompt, sample) keys are exactly a k-sample run's, so one sampling
 run serves every k <= n (the paper's ablation over the number of candidates).
 
-The pair rule (`PairRule.rejected`); the eligible responses are ranked by score, best first,
-and the chosen answer is always the best:
+The pair rule (`PairRule.rejected`); the eligible, distinct responses are ranked by score,
+best first, and the chosen answer is always the best:
 
     lowest         the lowest-scored one (the default: the widest contrast)
     rank           the one at `rank` in that order (0 = the best itself is not allowed;
@@ -24,10 +24,12 @@ and the chosen answer is always the best:
     sampled_below  one drawn uniformly from those scoring at least `min_margin` below the
                    best (a seeded draw per prompt: numpy default_rng([seed, prompt index]))
 
-A prompt gives no pair — and is counted in `skipped` by reason — when it has fewer than two
-eligible responses (`too_few`), when the rule's rank does not exist (`no_such_rank`), when the
-chosen and rejected texts are the same (`identical`), or when the rejected one scores less than
-`min_margin` below the chosen (`margin`: the responses do not differ enough to teach anything).
+Each text counts once, at its best place (`distinct`: n samples of a short answer repeat
+each other, and a runner-up equal to the best teaches nothing). A prompt gives no pair — and
+is counted in `skipped` by reason — when it has fewer than two eligible responses
+(`too_few`), when they are all the same text (`identical`), when the rule's rank does not
+exist (`no_such_rank`), or when the rejected one scores less than `min_margin` below the
+chosen (`margin`: the responses do not differ enough to teach anything).
 Scores are the RM's normalised rewards (reward_stats.json), so the margin is in reward
 standard deviations.
 """
@@ -86,6 +88,18 @@ def ranked(entry: XwinSetEntry, best_of: int | None = None) -> list[int]:
     return sorted(eligible(entry, best_of), key=lambda i: (-entry.scores[i], i))
 
 
+def distinct(order: list[int], entry: XwinSetEntry) -> list[int]:
+    """`order` with each text kept once, at its first (best) place: with many samples of
+    short answers the runner-up is often the best one again, which would teach nothing."""
+    seen: set[str] = set()
+    kept = []
+    for i in order:
+        if entry.responses[i] not in seen:
+            seen.add(entry.responses[i])
+            kept.append(i)
+    return kept
+
+
 def best_of(entry: XwinSetEntry, k: int | None = None, threshold: float | None = None
             ) -> int | None:
     """The best eligible response among the first k samples (None: all), or None when there
@@ -107,8 +121,7 @@ def _rejected(order: list[int], entry: XwinSetEntry, rule: PairRule) -> int | No
         position = int(round((1 - rule.percentile / 100) * (m - 1)))
         return order[min(max(position, 1), m - 1)]
     best = entry.scores[order[0]]
-    below = [i for i in order[1:] if best - entry.scores[i] >= rule.min_margin
-             and entry.responses[i] != entry.responses[order[0]]]
+    below = [i for i in order[1:] if best - entry.scores[i] >= rule.min_margin]
     if not below:
         return None
     return below[int(np.random.default_rng([rule.seed, entry.index]).integers(len(below)))]
@@ -121,8 +134,13 @@ class MadePairs:
     skipped: dict[str, int]            # by reason (SKIP_REASONS), zeros included
 
     def report(self) -> str:
-        skipped = ", ".join(f"{n} {reason}" for reason, n in self.skipped.items() if n)
-        return f"{len(self.pairs)} pairs" + (f" ({skipped} prompts skipped)" if skipped else "")
+        skipped = skips_text(self.skipped)
+        return f"{len(self.pairs)} pairs" + (f" (prompts skipped: {skipped})" if skipped else "")
+
+
+def skips_text(skipped: dict[str, int]) -> str:
+    """'3 too_few, 1 margin': the prompts that gave no pair, by reason ('' for none)."""
+    return ", ".join(f"{n} {reason}" for reason, n in skipped.items() if n)
 
 
 def make_pairs(entries: Sequence[XwinSetEntry], rule: PairRule = PairRule()) -> MadePairs:
@@ -130,16 +148,14 @@ def make_pairs(entries: Sequence[XwinSetEntry], rule: PairRule = PairRule()) -> 
     pairs, scores = [], []
     skipped = collections.Counter({reason: 0 for reason in SKIP_REASONS})
     for entry in entries:
-        order = ranked(entry, rule.best_of)
+        everything = ranked(entry, rule.best_of)
+        order = distinct(everything, entry)
         if len(order) < 2:
-            skipped["too_few"] += 1
+            skipped["identical" if len(everything) >= 2 else "too_few"] += 1
             continue
         chosen, rejected = order[0], _rejected(order, entry, rule)
         if rejected is None:
             skipped["no_such_rank" if rule.rejected == "rank" else "margin"] += 1
-            continue
-        if entry.responses[chosen] == entry.responses[rejected]:
-            skipped["identical"] += 1
             continue
         if entry.scores[chosen] - entry.scores[rejected] < rule.min_margin:
             skipped["margin"] += 1

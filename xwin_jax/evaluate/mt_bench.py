@@ -62,7 +62,7 @@ from xwin_jax.errors import ConfigError, UserError
 from xwin_jax.evaluate import mt_bench_prompts as fc
 from xwin_jax.generate import generate_job, load_outputs
 from xwin_jax.models.config import LlamaConfig
-from xwin_jax.partitioning import Partitioner
+from xwin_jax.partitioning import Partitioner, sync_hosts
 from xwin_jax.redaction import redact_text
 from xwin_jax.train.sharded import Start
 from xwin_jax.train.stage import run_stage
@@ -105,21 +105,32 @@ def answer_questions(directory: str, questions: Sequence[dict], model: LlamaConf
     """The model's answers, turn by turn: a generate stage per (turn, temperature) under
     `directory` (resumable), each with its prompts file. Runs on every host."""
     answers: list[list[str]] = [[] for _ in questions]
+    seed = generate_options.pop("seed")
     for turn in (1, 2):
         for temperature, indices in turn_groups(questions, turn).items():
             name = f"turn{turn}_t{temperature:g}"
-            os.makedirs(directory, exist_ok=True)
             prompts_path = os.path.join(directory, f"{name}.prompts.jsonl")
-            # Same content on every host (atomic rename): each reads a whole file.
-            formats.write_jsonl(prompts_path, [
-                {"prompt": conversation(questions[i], answers[i]),
-                 "question_id": questions[i]["question_id"]} for i in indices])
+            if jax.process_index() == 0:  # host 0 writes, every host reads it after the barrier
+                os.makedirs(directory, exist_ok=True)
+                formats.write_jsonl(prompts_path, [
+                    {"prompt": conversation(questions[i], answers[i]),
+                     "question_id": questions[i]["question_id"]} for i in indices])
+            sync_hosts(f"mt_bench: {name} prompts written")
             stage = os.path.join(directory, name)
+            # Rows of each stage are keyed by their position (generate.py), so each stage
+            # samples from its own seed: turn 2 does not reuse turn 1's random stream.
             generate_job(prompts_path, stage, model, ckpt_dir=ckpt_dir, vocabulary=vocabulary,
-                         generator=model_id, temperature=temperature, **generate_options)
+                         generator=model_id, temperature=temperature,
+                         seed=stage_seed(seed, name), **generate_options)
             for i, output in zip(indices, load_outputs(stage)):
                 answers[i].append(output["output"].strip())  # as FastChat's answers
     return answers
+
+
+def stage_seed(seed: int, name: str) -> int:
+    """The generate seed of one (turn, temperature) stage: `seed` mixed with the stage's
+    name, so no two stages share keys."""
+    return int(hashlib.sha256(f"{seed}/{name}".encode()).hexdigest()[:8], 16)
 
 
 # --- grading ------------------------------------------------------------------------------
@@ -208,7 +219,9 @@ def grade(questions: Sequence[dict], answers: Sequence[Sequence[str]], items: li
         scores.append({"question_id": question["question_id"],
                        "category": question["category"], "turn": item["turn"],
                        "score": record["score"]})
-    formats.write_jsonl(judgment_path(directory, judge.model), lines)
+    path = judgment_path(directory, judge.model)
+    os.makedirs(os.path.dirname(path), exist_ok=True)  # a judge named 'openai/gpt-4o' too
+    formats.write_jsonl(path, lines)
     write_unjudged(os.path.join(directory, UNJUDGED_FILE), unjudged)
     return scores
 

@@ -19,7 +19,6 @@ grades the same way without a FastChat checkout; JUDGE_PROMPTS replaces them fro
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import string
@@ -109,7 +108,12 @@ def parse_rating(judgment: str) -> int | float:
     """The judge's rating as FastChat reads it: the first [[N]], else the first [N], else -1
     (NO_RATING)."""
     match = ONE_SCORE_PATTERN.search(judgment) or ONE_SCORE_PATTERN_BACKUP.search(judgment)
-    return ast.literal_eval(match.groups()[0]) if match else NO_RATING
+    if not match:
+        return NO_RATING
+    # FastChat's ast.literal_eval: an int, or a float with a decimal point — but without its
+    # SyntaxError on a zero-padded "[[07]]" (which a temperature-0 judge would repeat forever).
+    text = match.group(1)
+    return float(text) if "." in text else int(text)
 
 
 def prompt_name(category: str, turn: int) -> str:

@@ -67,11 +67,27 @@ def write_summary(stage_dir: str, summary: dict) -> str:
     return write_json(os.path.join(stage_dir, SUMMARY_FILE), summary)
 
 
+# Kept when a stage is cleared: paid judge verdicts, keyed by everything that decides them
+# (what was judged, the judge model, its prompt's version), so a verdict found there is the
+# one the new settings would pay for again. Delete the file to ask the judge anew.
+KEPT_ON_OVERWRITE = ("judge_cache.jsonl",)
+
+
 def _clear(stage_dir: str, name: str) -> None:
     sync_hosts(f"clear {name}: read")  # every host has read the old fingerprint
     if jax.process_index() == 0:
+        kept = {n: open(os.path.join(stage_dir, n), "rb").read() for n in KEPT_ON_OVERWRITE
+                if os.path.isfile(os.path.join(stage_dir, n))}
         shutil.rmtree(stage_dir)
         os.makedirs(stage_dir)
+        for filename, data in kept.items():
+            with open(os.path.join(stage_dir, filename), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if kept:
+            print(f"[{name}] kept {', '.join(kept)} (cached judge verdicts are reused; delete "
+                  f"it to ask the judge again)")
     sync_hosts(f"clear {name}")
 
 

@@ -147,6 +147,18 @@ class FakeJudge:
         return app
 
 
+def numpy_response_logprobs(cfg, params, tokens, mask):
+    """An independent reference for DPO's sequence log-probs: log-softmax of the full
+    logits in float64, summed over the tokens where the response mask is 1 → [B]."""
+    from xwin_jax.models import llama
+
+    logits = np.asarray(llama.Llama(cfg).apply({"params": params}, tokens), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    return np.array([sum(logp[r, t - 1, tokens[r, t]] for t in range(1, tokens.shape[1])
+                         if mask[r, t]) for r in range(tokens.shape[0])])
+
+
 def serve_on_loopback(app):
     """Starts an ASGI app with uvicorn on a free 127.0.0.1 port in a daemon thread; returns
     (server, port). Set server.should_exit = True to stop it."""

@@ -9,6 +9,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import numpy_response_logprobs
 
 from xwin_jax import launch
 from xwin_jax.checkpoints.params import load_params, save_params
@@ -55,12 +56,8 @@ def test_sequence_logprobs_sum_the_response_tokens(setup):
     batch = PairsData([pairs], seq_len=320, batch_size=2, vocabulary="bytes").global_batch(0)
     tokens, mask = batch["chosen_tokens"], batch["chosen_response_mask"]
     got = np.asarray(dpo.sequence_logprobs(CFG, PARAMS, tokens, mask))
-    logits = np.asarray(llama.Llama(CFG).apply({"params": PARAMS}, tokens), np.float64)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    for r in range(2):
-        expected = sum(logp[r, t - 1, tokens[r, t]] for t in range(1, tokens.shape[1])
-                       if mask[r, t])
-        np.testing.assert_allclose(got[r], expected, rtol=1e-4)
+    np.testing.assert_allclose(got, numpy_response_logprobs(CFG, PARAMS, tokens, mask),
+                               rtol=1e-4)
 
 
 def test_the_objective_adds_sft_weight_times_the_chosen_mean_token_nll(setup):

@@ -293,10 +293,11 @@ def test_evaluate_job_with_the_rule_judge(outputs, tmp_path, capsys):
         evaluate(outputs, tmp_path / "eval", CountingJudge())
     with pytest.raises(StageChanged, match=r"seed: 0 → 1"):
         evaluate(outputs, tmp_path / "eval", CountingJudge(), seed=1)
-    # With overwrite, the new outputs are judged from scratch (the old verdicts discarded).
+    # With overwrite the stage is judged again, but the cached verdicts stay (keyed by the
+    # two outputs and the judge): only the changed answer is paid for.
     redone_judge = CountingJudge()
     redone = evaluate(outputs, tmp_path / "eval", redone_judge, overwrite=True)
-    assert len(redone_judge.seen) == 11
+    assert len(redone_judge.seen) == 1 and "Something else." in str(redone_judge.seen[0])
     # The changed answer states no answer, as the reference: a draw now.
     assert (redone["n_wins"], redone["n_wins_base"], redone["n_draws"]) == (10, 0, 2)
 

@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import numpy_response_logprobs
 
 from conftest import FakeJudge, serve_on_loopback
 from xwin_jax import jobs
@@ -89,12 +90,8 @@ def test_dpo_logprobs_sum_the_final_answer_only():
     other_context = PreferencePair(earlier, "The answer is REGIT.", "x")
     got, tokens, mask = _logprobs(params, [base, other_final, other_context])
     # An independent reference: log-softmax of the full logits, summed where the mask is 1.
-    logits = np.asarray(llama.Llama(CFG).apply({"params": params}, tokens), np.float64)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    for r in range(3):
-        expected = sum(logp[r, t - 1, tokens[r, t]] for t in range(1, tokens.shape[1])
-                       if mask[r, t])
-        np.testing.assert_allclose(got[r], expected, rtol=1e-4)
+    np.testing.assert_allclose(got, numpy_response_logprobs(CFG, params, tokens, mask),
+                               rtol=1e-4)
     # Only the final answer is counted: the same number of tokens whatever came before...
     assert mask[0].sum() == mask[2].sum() == len(" The answer is REGIT.") + 1
     # ...and the earlier answer changes the log-prob only as context (the same final tokens,

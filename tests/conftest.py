@@ -147,6 +147,33 @@ class FakeJudge:
         return app
 
 
+def eos_biased_policy(cfg):
+    """A random policy that ends some responses within a few tokens: EOS gets a large bias."""
+    import jax
+
+    from xwin_jax.models import llama
+
+    params = llama.init_params(cfg, jax.random.key(0))
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 2].add(0.3)
+    return params
+
+
+def write_policy_and_reward(root, cfg, vocab, stats=(0.1, 2.0)):
+    """ROOT/policy (eos_biased_policy) and ROOT/rm (a random reward model, with RewardStats
+    `stats` unless None), both recording `vocab`."""
+    import jax
+
+    from xwin_jax.checkpoints.params import save_params
+    from xwin_jax.models import heads
+    from xwin_jax.rewards import RewardStats
+
+    save_params(str(root / "policy"), cfg, eos_biased_policy(cfg), vocabulary=vocab)
+    save_params(str(root / "rm"), cfg, heads.init_reward_params(cfg, jax.random.key(1)),
+                head="score", vocabulary=vocab)
+    if stats is not None:
+        RewardStats(*stats).save(str(root / "rm"))
+
+
 def numpy_response_logprobs(cfg, params, tokens, mask):
     """An independent reference for DPO's sequence log-probs: log-softmax of the full
     logits in float64, summed over the tokens where the response mask is 1 → [B]."""

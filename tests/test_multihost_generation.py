@@ -13,14 +13,14 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import write_policy_and_reward
 from test_multihost import (run_one_process, run_processes, saved_steps, sigterm_when,
                             start_processes)
 
-from xwin_jax.checkpoints.params import load_params, save_params
+from xwin_jax.checkpoints.params import load_params
 from xwin_jax.data import converters, formats
 from xwin_jax.data.vocabulary import ByteVocabulary
-from xwin_jax.models import heads, llama
-from xwin_jax.rewards import RewardStats
+from xwin_jax.models import llama
 
 CFG = llama.preset("tiny", hidden_size=32, intermediate_size=64, num_layers=1)
 # Short and long prompts: with the chat template they fall in two length buckets (192, 256).
@@ -55,12 +55,7 @@ def models(tmp_path_factory):
     """A random tiny policy (EOS biased, so some responses end) and reward model, both with
     the byte vocabulary, and a prompts file of mixed lengths."""
     root = tmp_path_factory.mktemp("models")
-    params = llama.init_params(CFG, jax.random.key(0))
-    params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 2].add(0.3)
-    save_params(str(root / "policy"), CFG, params, vocabulary=ByteVocabulary())
-    save_params(str(root / "rm"), CFG, heads.init_reward_params(CFG, jax.random.key(1)),
-                head="score", vocabulary=ByteVocabulary())
-    RewardStats(0.1, 2.0).save(str(root / "rm"))
+    write_policy_and_reward(root, CFG, ByteVocabulary())
     formats.write_jsonl(str(root / "prompts.jsonl"), [{"prompt": p} for p in PROMPTS])
     widths = {converters.bucket_width(len(converters.prompt_ids(p.conversation,
                                                                 ByteVocabulary(), 1024)))

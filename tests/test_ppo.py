@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import eos_biased_policy, write_policy_and_reward
 from test_rl import numpy_gae  # the NumPy loop rl.gae is tested against
 
 from xwin_jax import jobs, sampling
 from xwin_jax.errors import ConfigError
-from xwin_jax.checkpoints.params import load_params, save_params
+from xwin_jax.checkpoints.params import load_params
 from xwin_jax.data import formats
 from xwin_jax.data.prompts_data import PromptsData
 from xwin_jax.data.vocabulary import ByteVocabulary, SentencePieceVocabulary, load_vocabulary
@@ -31,24 +32,10 @@ PROMPT_LEN = 96
 BYTES = ByteVocabulary()
 
 
-def eos_biased_policy():
-    """A random policy that ends some responses within a few tokens: EOS gets a large bias."""
-    params = llama.init_params(CFG, jax.random.key(0))
-    params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 2].add(0.3)
-    return params
-
-
-def write_models(root, vocab, stats=(0.1, 2.0)):
-    save_params(str(root / "policy"), CFG, eos_biased_policy(), vocabulary=vocab)
-    save_params(str(root / "rm"), CFG, heads.init_reward_params(CFG, jax.random.key(1)),
-                head="score", vocabulary=vocab)
-    RewardStats(*stats).save(str(root / "rm"))
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo")
-    write_models(root, BYTES)
+    write_policy_and_reward(root, CFG, BYTES)
     formats.write_jsonl(str(root / "prompts.jsonl"),
                         [{"prompt": f"Say {w} {i}."} for i, w in enumerate(["a", "bb", "ccc"] * 4)])
     return root
@@ -163,7 +150,7 @@ def naive_samples(params, tokens, mask, keys, temperature, max_new_tokens, eos):
 
 
 def test_a_rollout_is_the_policys_sample_with_its_keys():
-    params = eos_biased_policy()
+    params = eos_biased_policy(CFG)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(3, 200, size=n)) for n in (5, 9, 2, 7)]
     batch = {"tokens": np.zeros((4, 10), np.int32), "mask": np.zeros((4, 10), np.int32)}
@@ -284,7 +271,7 @@ def test_with_learning_rate_zero_and_the_checkpoints_tokenizer_the_policy_stays_
         model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
         character_coverage=1.0, minloglevel=2)
     vocab = SentencePieceVocabulary(str(tmp_path / "sp.model"))
-    write_models(tmp_path, vocab)
+    write_policy_and_reward(tmp_path, CFG, vocab)
     summary = run(checkpoints, tmp_path / "w", 2, learning_rate=0.0, models=tmp_path)
     for a, b in zip(leaves(summary["export_dir"]), leaves(tmp_path / "policy")):
         np.testing.assert_array_equal(a, b)

@@ -5,15 +5,15 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
+from conftest import write_policy_and_reward
 
 from xwin_jax import jobs
-from xwin_jax.checkpoints.params import load_params, save_params
+from xwin_jax.checkpoints.params import load_params
 from xwin_jax.data import formats, xwin_set
 from xwin_jax.data.vocabulary import ByteVocabulary, load_vocabulary
-from xwin_jax.models import heads, llama
+from xwin_jax.models import llama
 from xwin_jax.partitioning import Partitioner
 from xwin_jax.train import rejection
 from xwin_jax.train.stage import FINGERPRINT_FILE, SUMMARY_FILE, StageChanged
@@ -57,11 +57,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rejection")
     # A policy that ends most responses quickly: EOS gets a large bias. Both checkpoints
     # record the byte vocabulary, which the job then uses (no vocabulary is given).
-    params = llama.init_params(CFG, jax.random.key(0))
-    params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 2].add(0.3)
-    save_params(str(root / "policy"), CFG, params, vocabulary=ByteVocabulary())
-    save_params(str(root / "rm"), CFG, heads.init_reward_params(CFG, jax.random.key(1)),
-                head="score", vocabulary=ByteVocabulary())
+    write_policy_and_reward(root, CFG, ByteVocabulary(), stats=None)
     formats.write_jsonl(str(root / "prompts.jsonl"),
                         [{"prompt": f"Tell me about {i}."} for i in range(5)])
     return root

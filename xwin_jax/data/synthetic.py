@@ -240,6 +240,30 @@ class Rating:
     reason: str
 
 
+def stated_answer(response: str) -> str | None:
+    """The last "The answer is X." of a response (X), or None."""
+    stated = ANSWER.findall(response)
+    return stated[-1].strip() if stated else None
+
+
+def rate_answer(answer: str, response: str) -> Rating:
+    """A response against the correct `answer`: stated and correct 10, less a point per half
+    an ideal answer's length of excess (at most 4); stated and wrong 3 (2 when also long);
+    none stated 1."""
+    stated = stated_answer(response)
+    ideal = len(ideal_response(answer))
+    excess = max(0, len(response.strip()) - ideal) / ideal
+    verbosity = min(4, int(round(2 * excess)))
+    if stated is None:
+        return Rating(1, False, "no answer stated")
+    if stated == answer:
+        return Rating(10 - verbosity, True,
+                      "correct" + (f", {verbosity} points off for length" if verbosity
+                                   else ", concise"))
+    return Rating(3 if verbosity < 2 else 2, False,
+                  f"wrong answer {stated!r} (expected {answer!r})")
+
+
 class RuleJudge:
     """Rates a response 1-10: a correct stated answer scores 6-10 (shorter is better), a wrong
     one 2-3, none at all 1. Unknown prompts raise ValueError."""
@@ -255,19 +279,7 @@ class RuleJudge:
             turns = f" (after {len(requests) - 1} earlier user turns)" if len(requests) > 1 \
                 else ""
             raise ConfigError(f"the rule judge cannot verify this prompt: {last[:80]!r}{turns}")
-        _, answer = solved
-        stated = ANSWER.findall(response)
-        ideal = len(ideal_response(answer))
-        excess = max(0, len(response.strip()) - ideal) / ideal
-        verbosity = min(4, int(round(2 * excess)))
-        if not stated:
-            return Rating(1, False, "no answer stated")
-        if stated[-1].strip() == answer:
-            return Rating(10 - verbosity, True,
-                          "correct" + (f", {verbosity} points off for length" if verbosity
-                                       else ", concise"))
-        return Rating(3 if verbosity < 2 else 2, False,
-                      f"wrong answer {stated[-1].strip()!r} (expected {answer!r})")
+        return rate_answer(solved[1], response)
 
     def compare(self, prompt, response_a: str, response_b: str) -> dict:
         """Pairwise verdict in the judge output format: which is better and by how much

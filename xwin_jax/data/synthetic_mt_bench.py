@@ -27,7 +27,8 @@ import numpy as np
 
 from xwin_jax import hosts
 from xwin_jax.data import formats
-from xwin_jax.data.synthetic import ANSWER, FAMILIES, ideal_response, solve
+from xwin_jax.data.synthetic import FAMILIES, ideal_response, rate_answer, solve, \
+    stated_answer
 from xwin_jax.errors import ConfigError
 from xwin_jax.evaluate.mt_bench_prompts import NEED_REF_CATS, answer_record
 
@@ -113,25 +114,18 @@ def reference_file(out_dir: str, seed: int = 0, per_family: int = 2) -> str:
     return _files(out_dir, seed, per_family)["references"]
 
 
-def stated_answer(text: str) -> str | None:
-    """The last "The answer is X." in a text, or None."""
-    stated = ANSWER.findall(text)
-    return stated[-1].strip() if stated else None
-
-
-def rate_answer(expected: str, response: str) -> tuple[int, str]:
-    """(1-10, why) on the synthetic RuleJudge's scale: a correct stated answer 10 less a
-    point per half an ideal answer's length of excess (at most 4), a wrong one 3 (2 when
-    also long), none 1."""
+def judgment_text(expected: str, response: str) -> tuple[int, str]:
+    """(1-10, why) of a response: the synthetic RuleJudge's rating (synthetic.rate_answer),
+    explained as a judge writes it."""
+    rating = rate_answer(expected, response)
+    if rating.correct:
+        verbosity = 10 - rating.score
+        return rating.score, ("The answer is correct" + (
+            f", but {verbosity} points off for length." if verbosity else " and concise."))
     stated = stated_answer(response)
     if stated is None:
-        return 1, "The response states no answer."
-    ideal = len(ideal_response(expected))
-    verbosity = min(4, int(round(2 * max(0, len(response.strip()) - ideal) / ideal)))
-    if stated == expected:
-        return 10 - verbosity, ("The answer is correct" + (
-            f", but {verbosity} points off for length." if verbosity else " and concise."))
-    return (3 if verbosity < 2 else 2), f"The answer {stated!r} is wrong (expected {expected!r})."
+        return rating.score, "The response states no answer."
+    return rating.score, f"The answer {stated!r} is wrong (expected {expected!r})."
 
 
 class RuleGrader:
@@ -159,7 +153,7 @@ class RuleGrader:
             target = stated_answer(reference[turn - 1]) or target
             compared = "Compared with the reference answer: "
         self.usage["calls"] += 1
-        score, why = rate_answer(target, answers[turn - 1])
+        score, why = judgment_text(target, answers[turn - 1])
         return f"{compared}{why} Rating: [[{score}]]"
 
     def fingerprint(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ grades the same way without a FastChat checkout; JUDGE_PROMPTS replaces them fro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import string
@@ -241,7 +242,6 @@ def read_answers(path: str) -> dict[Any, list[str]]:
 def answer_record(question_id: Any, model_id: str, turns: list[str], tstamp: float) -> dict:
     """One line of model_answer/<MODEL>.jsonl. The answer_id is derived from the content
     (FastChat draws a shortuuid): a rerun writes the same ids."""
-    import hashlib
     digest = hashlib.sha256(json.dumps([model_id, question_id, turns]).encode()).hexdigest()
     return {"question_id": question_id, "answer_id": digest[:22], "model_id": model_id,
             "choices": [{"index": 0, "turns": list(turns)}], "tstamp": tstamp}

@@ -133,6 +133,11 @@ def win_rate(preferences: Sequence[float | None]) -> tuple[float, float]:
     return 100.0 * float(y.mean()), 100.0 * sem
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function, overflow-free."""
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
 def _penalised_loglik(weights: np.ndarray, features: np.ndarray, y: np.ndarray,
                       ridge: float) -> float:
     eta = features @ weights
@@ -162,7 +167,7 @@ def length_controlled_win_rate(preferences: Sequence[float | None],
     weights = np.zeros(2)
     objective = _penalised_loglik(weights, features, y, ridge)
     for _ in range(iterations):
-        p = np.exp(-np.logaddexp(0.0, -(features @ weights)))  # sigmoid, overflow-free
+        p = _sigmoid(features @ weights)
         gradient = features.T @ (y - p) - penalty * weights
         hessian = (features * (p * (1 - p))[:, None]).T @ features + np.diag(penalty)
         step = np.linalg.solve(hessian + 1e-12 * np.eye(2), gradient)
@@ -176,7 +181,7 @@ def length_controlled_win_rate(preferences: Sequence[float | None],
         weights, objective = candidate, value
         if np.max(np.abs(scale_step * step)) < 1e-10:
             break
-    return float(100.0 * np.exp(-np.logaddexp(0.0, -weights[0])))
+    return float(100.0 * _sigmoid(weights[0]))
 
 
 # --- AlpacaEval 2.0's GLM: alpaca_eval 0.6.6, metrics/glm_winrate.py, length_controlled_v1 ----
@@ -306,10 +311,6 @@ def read_instruction_difficulty(path: str) -> InstructionDifficulty:
         return InstructionDifficulty(path, difficulty)
     return InstructionDifficulty(path, difficulty, np.array(features, np.float64).reshape(-1, 3),
                                  np.array(preferences, np.float64), np.array(weights, np.float64))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -x))
 
 
 def _l1_objective(w: np.ndarray, x: np.ndarray, p: np.ndarray, s: np.ndarray, c: float

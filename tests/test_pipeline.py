@@ -53,6 +53,12 @@ def test_report_model_stage_and_resume(quickstart, capsys):
     assert dpo_pairs["rejected_rule"] == "lowest"
     assert dpo_pairs["pairs"] + sum(dpo_pairs["prompts_skipped"].values()) == 192
     assert "DPO on Xwin-Set:" in report
+    correctness = results["eval/correctness"]  # every held-out pair, split by kind
+    kinds = correctness["reward_pairs"]["by_kind"]
+    assert sum(k["pairs"] for k in kinds.values()) == correctness["reward_pairs"]["pairs"] > 0
+    assert {"correct_vs_wrong", "length"} <= set(kinds)
+    assert set(correctness["task_accuracy_by_family"]) == {"sft", "rejection", "ppo", "dpo"}
+    assert "## Correctness" in report and "| policy | arithmetic |" in report
     for plot in ("loss_curves.png", "ppo.png"):
         assert os.path.getsize(os.path.join(workdir, plot)) > 1000
     model = results["model"]

@@ -147,3 +147,44 @@ def test_the_suite_has_a_modest_share_of_multi_turn_items_in_the_users_formats(t
     assert any(len(c.turns) == 4 for c in formats.read_sft(paths["sft_valid"]).records)
     again = synthetic.write_suite(str(tmp_path / "again"), seed=3, num_prompts=700)
     assert all(open(paths[n]).read() == open(again[n]).read() for n in paths)
+
+
+def test_pair_kinds_tell_correctness_length_and_unfinished_apart():
+    parity = "Is 7 even or odd?"
+    padded = f"{synthetic.FILLERS[0]} The answer is odd. {synthetic.FILLERS[3]}"
+    assert synthetic.pair_kind(parity, "The answer is odd.", "The answer is even.") == \
+        "correct_vs_wrong"
+    assert synthetic.pair_kind(parity, "The answer is even.", "The answer is odd.") == \
+        "correct_vs_wrong"  # the kind, not whether the pair is the right way round
+    assert synthetic.pair_kind(parity, "The answer is odd.", padded) == "length"
+    assert synthetic.pair_kind(parity, "The answer is even.", "The answer is even. Sure!") == \
+        "length"  # both wrong, one longer
+    assert synthetic.pair_kind(parity, "The answer is odd.", synthetic.FILLERS[0]) == \
+        "unfinished"
+    assert synthetic.pair_kind(parity, "Sure! The answer", "The answer is odd.") == "unfinished"
+    follow_up = [{"role": "user", "content": "Write 'apple river' in uppercase."},
+                 {"role": "assistant", "content": "The answer is APPLE RIVER."},
+                 {"role": "user", "content": "Reverse your answer."}]
+    assert synthetic.pair_kind(follow_up, "The answer is REVIR ELPPA.",
+                               "The answer is APPLE RIVER.") == "correct_vs_wrong"
+
+
+def test_without_mistakes_every_pair_of_the_suite_is_a_length_pair(tmp_path):
+    paths = synthetic.write_suite(str(tmp_path), seed=0, num_prompts=300, wrong_rate=0.0)
+    pairs = formats.read_pairs(paths["pairs_valid"]).records
+    prompts = [p.prompt.messages[0].content if len(p.prompt.messages) == 1 else p.prompt.messages
+               for p in pairs]
+    assert pairs and {synthetic.pair_kind(q, p.chosen, p.rejected)
+                      for q, p in zip(prompts, pairs)} == {"length"}
+
+
+def test_correct_by_family_counts_only_what_the_suite_verifies():
+    verdicts = synthetic.correct_by_family(
+        ["Is 7 even or odd?", "Is 8 even or odd?", "What is 2 + 3?", "Tell me a joke.",
+         [{"role": "user", "content": "What is the first letter of the word 'apple'?"},
+          {"role": "assistant", "content": "The answer is a."},
+          {"role": "user", "content": "Now write your answer in uppercase."}]],
+        ["The answer is odd.", "The answer is odd.", "Sure! The answer is 5.", "Ha.",
+         "The answer is A."])
+    assert verdicts == {"arithmetic": [True], "first_letter+uppercase": [True],
+                        "parity": [True, False]}

@@ -25,19 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xwin_jax import sampling
+from xwin_jax import rewards, sampling
 from xwin_jax.checkpoints import hf
 from xwin_jax.checkpoints.params import save_params
 from xwin_jax.data import formats, synthetic
 from xwin_jax.data.vocabulary import ByteVocabulary
 from xwin_jax.evaluate import pairwise
 from xwin_jax.fingerprint import file_identity
-from xwin_jax.generate import ALPACA_EVAL_FILE, generate_job, load_outputs
+from xwin_jax.generate import ALPACA_EVAL_FILE, OUTPUTS_FILE, generate_job, load_outputs
 from xwin_jax.models.config import LlamaConfig
 from xwin_jax.models.llama import Llama, init_params
 from xwin_jax.models.spec import open_checkpoint
 from xwin_jax.partitioning import Partitioner
-from xwin_jax.report import write_report
+from xwin_jax.report import CORRECTNESS_STAGE, write_report
 from xwin_jax.train.stage import run_stage
 
 DATA_STAGE, EVAL_DIR = "data", "eval"
@@ -151,12 +151,20 @@ def judge_score(judge: Any, outputs: list[dict], annotations: list[dict] | None,
     return float(np.mean(ratings)) if ratings else None
 
 
+def _verdicts(outputs: list[dict]) -> dict[str, list[bool]]:
+    return synthetic.correct_by_family([o["instruction"] for o in outputs],
+                                       [o["output"] for o in outputs])
+
+
 def task_accuracy(outputs: list[dict]) -> float | None:
     """Share of answers the suite can verify that are correct (None for other prompts)."""
-    rule = synthetic.RuleJudge()
-    verdicts = [rule.rate(o["instruction"], o["output"]).correct for o in outputs
-                if synthetic.solve(o["instruction"]) is not None]
+    verdicts = [v for family in _verdicts(outputs).values() for v in family]
     return float(np.mean(verdicts)) if verdicts else None
+
+
+def task_accuracy_by_family(outputs: list[dict]) -> dict[str, float]:
+    """{family: share of its answers that are correct}, for the families the suite knows."""
+    return {family: float(np.mean(v)) for family, v in _verdicts(outputs).items()}
 
 
 def evaluate_policy(workdir: str, name: str, model: LlamaConfig, judge: Any, *,
@@ -205,4 +213,59 @@ def evaluate_policy(workdir: str, name: str, model: LlamaConfig, judge: Any, *,
                 "max_new_tokens": max_new_tokens, "temperature": temperature,
                 "reward_seq_len": reward_seq_len, "seed": seed}
     return run_stage(os.path.join(workdir, EVAL_DIR, name), f"{EVAL_DIR}/{name}", settings,
+                     body)
+
+
+def _pair_prompt(pair: formats.PreferencePair):
+    """The prompt as the rule judge reads it: the text of a one-turn prompt, else the
+    messages."""
+    messages = pair.prompt.messages
+    return messages[0].content if len(messages) == 1 else messages
+
+
+def reward_accuracy_by_kind(scorer: rewards.RewardScorer, pairs: list[formats.PreferencePair],
+                            vocab, seq_len: int) -> dict:
+    """The reward model on every pair (chosen scored above rejected), overall and by
+    synthetic.pair_kind."""
+    chosen, rejected = (scorer.score_texts([p.prompt for p in pairs],
+                                           [getattr(p, side) for p in pairs], vocab,
+                                           seq_len=seq_len) for side in ("chosen", "rejected"))
+    correct = chosen > rejected
+    kinds = np.asarray([synthetic.pair_kind(_pair_prompt(p), p.chosen, p.rejected)
+                        for p in pairs])
+    return {"accuracy": float(correct.mean()), "pairs": len(pairs),
+            "by_kind": {kind: {"accuracy": float(correct[kinds == kind].mean()),
+                               "pairs": int((kinds == kind).sum())}
+                        for kind in synthetic.PAIR_KINDS if (kinds == kind).any()}}
+
+
+def correctness_stage(workdir: str, model: LlamaConfig,
+                      policies: Sequence[str] = ("sft", "rejection", "ppo", "dpo"), *,
+                      reward_stage: str = "reward", seq_len: int = 512,
+                      partitioner: Partitioner | None = None) -> dict:
+    """WORKDIR/eval/correctness: what the suite can check of the demo's models. The reward
+    model's accuracy on every held-out pair of the suite (suite/pairs_valid.jsonl), by pair
+    kind (correct vs wrong, length, unfinished: synthetic.pair_kind), and each evaluated
+    policy's held-out task accuracy by family (from eval/<policy>/outputs)."""
+    reward_dir = os.path.join(workdir, reward_stage, "final")
+    pairs_path = stage_file(workdir, "suite/pairs_valid.jsonl")
+    outputs = {name: os.path.join(workdir, EVAL_DIR, name, "outputs") for name in policies}
+
+    def body(stage_dir):
+        scorer = rewards.RewardScorer.load(reward_dir, model, partitioner)
+        pairs = formats.read_pairs(pairs_path).records
+        reward = reward_accuracy_by_kind(scorer, pairs, scorer.checkpoint.vocabulary, seq_len)
+        kinds = ", ".join(f"{k} {v['accuracy']:.3f} ({v['pairs']})"
+                          for k, v in reward["by_kind"].items())
+        print(f"[{CORRECTNESS_STAGE}] reward model on {reward['pairs']} held-out pairs: "
+              f"{reward['accuracy']:.3f} ({kinds})")
+        tasks = {name: task_accuracy_by_family(load_outputs(path))
+                 for name, path in outputs.items()}
+        return {"reward_pairs": reward, "task_accuracy_by_family": tasks}
+
+    settings = {"reward": open_checkpoint(reward_dir, model, what="reward model"),
+                "pairs": file_identity(pairs_path), "seq_len": seq_len,
+                "outputs": {name: file_identity(os.path.join(path, OUTPUTS_FILE))
+                            for name, path in outputs.items()}}
+    return run_stage(os.path.join(workdir, CORRECTNESS_STAGE), CORRECTNESS_STAGE, settings,
                      body)

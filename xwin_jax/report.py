@@ -25,6 +25,8 @@ REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"  # train/loop.py's: written when a stage finishes
 METRICS_FILE = "metrics.jsonl"  # train/metrics.py's: one record per logged step
 EVAL_DIR = "eval"
+# pipeline.correctness_stage's: the reward model by pair kind, the policies by task family
+CORRECTNESS_STAGE = f"{EVAL_DIR}/correctness"
 
 
 def read_records(stage_dir: str) -> list[dict]:
@@ -100,6 +102,8 @@ def _training_stages(results: dict) -> list[str]:
     training summary (steps) or an eval/<stage> row."""
     names = [n for n in TRAINING_STAGES if n in results or f"{EVAL_DIR}/{n}" in results]
     for key, value in results.items():
+        if key == CORRECTNESS_STAGE:
+            continue
         name = key[len(EVAL_DIR) + 1:] if key.startswith(f"{EVAL_DIR}/") else key
         trained = isinstance(value, dict) and ("steps" in value or value.get("unfinished"))
         if name not in names and (key != name or trained):
@@ -131,8 +135,7 @@ def table(results: dict) -> str:
             row = dict(row, judge_score=sum(sft_in_comparisons) / len(sft_in_comparisons))
         wall = train.get("wall_time_s")
         if row is None:  # not evaluated; the reward model: its held-out pair accuracy
-            accuracy = (train.get("final_eval") or {}).get("accuracy") if name == "reward" \
-                else None
+            accuracy = reward_accuracy(results) if name == "reward" else None
             lines.append(f"| {stage_label(name, train)} | – | – | – | – | – | "
                          f"{_fmt(accuracy, '{:.3f}')} | "
                          f"{_fmt(wall, '{:.0f}')} |")
@@ -145,6 +148,40 @@ def table(results: dict) -> str:
             f"{_fmt(row.get('length_controlled_winrate'), '{:.1f}')} | "
             f"{_fmt(row.get('rm_mean_reward'))} | – | {_fmt(wall, '{:.0f}')} |")
     return "\n".join(lines)
+
+
+def reward_accuracy(results: dict) -> float | None:
+    """The reward model's held-out pair accuracy: on every held-out pair where the
+    correctness stage ran, else on the reward job's eval batches."""
+    every = ((results.get(CORRECTNESS_STAGE) or {}).get("reward_pairs") or {}).get("accuracy")
+    return every if every is not None else \
+        ((results.get("reward") or {}).get("final_eval") or {}).get("accuracy")
+
+
+def correctness_tables(results: dict) -> list[str]:
+    """The correctness stage's two tables (none without it): the reward model's held-out
+    pair accuracy by pair kind, and each policy's held-out task accuracy by family."""
+    summary = results.get(CORRECTNESS_STAGE) or {}
+    lines = []
+    reward = summary.get("reward_pairs")
+    if reward:
+        kinds = list(reward["by_kind"])
+        lines += ["Reward model, held-out pairs of the suite by kind (accuracy, pairs):", "",
+                  "| all | " + " | ".join(k.replace("_", " ") for k in kinds) + " |",
+                  "|---" * (len(kinds) + 1) + "|",
+                  f"| {reward['accuracy']:.3f} ({reward['pairs']}) | " + " | ".join(
+                      f"{reward['by_kind'][k]['accuracy']:.3f} ({reward['by_kind'][k]['pairs']})"
+                      for k in kinds) + " |", ""]
+    tasks = summary.get("task_accuracy_by_family")
+    if tasks:
+        families = sorted({f for by_family in tasks.values() for f in by_family})
+        lines += ["Held-out task accuracy by family:", "",
+                  "| policy | " + " | ".join(f.replace("_", " ") for f in families) + " |",
+                  "|---" * (len(families) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(_fmt(by_family.get(f)) for f in families)
+                  + " |" for name, by_family in tasks.items()]
+        lines.append("")
+    return lines
 
 
 def _fmt_metrics(metrics: dict) -> str:
@@ -245,7 +282,8 @@ def write_report(workdir: str, results: dict, title: str = "Quickstart report") 
         "judge's mean 1-10 rating of the answers. Task accuracy: answers the synthetic suite "
         "verifies as correct. Win rate vs SFT: AlpacaEval-style pairwise judging against the "
         "SFT policy's answers (50 = a tie). RM reward: the reward model's mean normalised "
-        "score. RM accuracy: held-out preference pairs.", "", rows, ""]
+        "score. RM accuracy: held-out preference pairs (all of them where the correctness "
+        "stage ran, else the reward job's eval batches).", "", rows, ""]
     if (results.get("ppo") or {}).get("final_metrics"):
         ppo = results["ppo"]["final_metrics"]
         share = (f", rollout share of the iteration time {ppo['rollout_fraction']:.0%}"
@@ -259,6 +297,9 @@ def write_report(workdir: str, results: dict, title: str = "Quickstart report") 
         text += [f"DPO on Xwin-Set: {pairs['pairs']} pairs from rejection sampling's samples "
                  f"(chosen: the best finished response; rejected: {pairs['rejected_rule']}"
                  + (f"; prompts skipped: {skipped}" if skipped else "") + ").", ""]
+    correctness = correctness_tables(results)
+    if correctness:
+        text += ["## Correctness", ""] + correctness
     training = training_table(workdir, results)
     if training.count("\n") > 1:  # a row below the header
         text += ["## Training", "", training, ""]

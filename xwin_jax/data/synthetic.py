@@ -291,6 +291,32 @@ class RuleJudge:
                 "reason": f"A: {a.reason}; B: {b.reason}"}
 
 
+def correct_by_family(prompts, responses) -> dict[str, list[bool]]:
+    """{family: [whether each answer is right]} over the prompts the suite can verify (a
+    family name, or 'family+follow_up' for a multi-turn prompt); others are left out."""
+    judge, out = RuleJudge(), {}
+    for prompt, response in zip(prompts, responses, strict=True):
+        solved = solve_conversation(prompt)
+        if solved is not None:
+            out.setdefault(solved[0], []).append(judge.rate(prompt, response).correct)
+    return dict(sorted(out.items()))
+
+
+PAIR_KINDS = ("correct_vs_wrong", "length", "unfinished")
+
+
+def pair_kind(prompt, chosen: str, rejected: str) -> str:
+    """What tells a pair of the suite apart (`prompt` as in RuleJudge.rate): 'unfinished'
+    when one side states no answer (a sample cut off before it), 'correct_vs_wrong' when
+    exactly one side's answer is right, else 'length' (same correctness, one padded)."""
+    if stated_answer(chosen) is None or stated_answer(rejected) is None:
+        return "unfinished"
+    judge = RuleJudge()
+    if judge.rate(prompt, chosen).correct != judge.rate(prompt, rejected).correct:
+        return "correct_vs_wrong"
+    return "length"
+
+
 # --- the suite on disk ------------------------------------------------------------------------
 
 SPLITS = ("train", "valid", "test")

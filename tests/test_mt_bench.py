@@ -63,7 +63,7 @@ def bench(tmp_path_factory):
     """The synthetic questions, a tiny random checkpoint, FastChat's judge prompts file, and
     one run of the job with the rule grader."""
     root = tmp_path_factory.mktemp("mt_bench")
-    files = synthetic_mt_bench.write_questions(str(root / "data"), per_family=1)
+    files = synthetic_mt_bench.write_questions(str(root / "data"), per_family=2)
     ckpt = str(root / "ckpt")
     save_params(ckpt, CFG, llama.init_params(CFG, jax.random.key(0)),
                 vocabulary=ByteVocabulary())

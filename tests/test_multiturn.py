@@ -32,24 +32,24 @@ def conversation(*texts):
                               for i, t in enumerate(texts)))
 
 
-TWO_EXCHANGES = conversation("Reverse the letters of the word 'tiger'.",
-                             "The answer is regit.", "Now write your answer in uppercase.")
+TWO_EXCHANGES = conversation("Repeat exactly: 'egit'.",
+                             "The answer is egit.", "Now write your answer in uppercase.")
 
 
 # --- the final answer is the response -------------------------------------------------------
 
 def test_a_multi_turn_pair_masks_exactly_the_final_answer_and_its_eos():
-    pair = PreferencePair(TWO_EXCHANGES, "The answer is REGIT.", "The answer is TIGER.")
+    pair = PreferencePair(TWO_EXCHANGES, "The answer is EGIT.", "The answer is TIGE.")
     batch = pairs_batch([pair], VOCAB, seq_len=512)
-    for side, text in (("chosen", " The answer is REGIT."), ("rejected", " The answer is TIGER.")):
+    for side, text in (("chosen", " The answer is EGIT."), ("rejected", " The answer is TIGE.")):
         tokens, mask = batch[f"{side}_tokens"][0], batch[f"{side}_response_mask"][0]
         masked = tokens[mask > 0]
         assert masked[-1] == VOCAB.eos_id and VOCAB.decode(masked[:-1]) == text
         assert mask.sum() == len(text) + 1  # bytes: one token per character, plus </s>
         # The earlier answer and its </s> are context: in the row, not in the mask.
         before = VOCAB.decode(tokens[:int(mask.argmax())][tokens[:int(mask.argmax())] > 2])
-        assert before.endswith("USER: Reverse the letters of the word 'tiger'. ASSISTANT: "
-                               "The answer is regit.USER: Now write your answer in uppercase. "
+        assert before.endswith("USER: Repeat exactly: 'egit'. ASSISTANT: "
+                               "The answer is egit.USER: Now write your answer in uppercase. "
                                "ASSISTANT:")
         assert (tokens[:int(mask.argmax())] == VOCAB.eos_id).sum() == 1
         assert batch[f"{side}_length"][0] == int(mask.nonzero()[0][-1]) + 1
@@ -57,7 +57,7 @@ def test_a_multi_turn_pair_masks_exactly_the_final_answer_and_its_eos():
 
 def test_rewards_are_read_at_the_final_answers_eos():
     """The RM's score of a multi-turn pair side is its per-token score at the final </s>."""
-    pairs = [PreferencePair(TWO_EXCHANGES, "The answer is REGIT.", "No."),
+    pairs = [PreferencePair(TWO_EXCHANGES, "The answer is EGIT.", "No."),
              PreferencePair(conversation("Is 7 even or odd?"), "The answer is odd.", "odd")]
     batch = pairs_batch(pairs, VOCAB, seq_len=320)
     model = heads.RewardModel(CFG)
@@ -82,18 +82,18 @@ def _logprobs(params, pairs):
 
 def test_dpo_logprobs_sum_the_final_answer_only():
     params = llama.init_params(CFG, jax.random.key(0))
-    base = PreferencePair(TWO_EXCHANGES, "The answer is REGIT.", "x")
-    other_final = PreferencePair(TWO_EXCHANGES, "The answer is TIGER.", "x")
-    earlier = conversation("Reverse the letters of the word 'tiger'.",
-                           "Sure! The answer is tigre, I think.",
+    base = PreferencePair(TWO_EXCHANGES, "The answer is EGIT.", "x")
+    other_final = PreferencePair(TWO_EXCHANGES, "The answer is TIGE.", "x")
+    earlier = conversation("Repeat exactly: 'egit'.",
+                           "Sure! The answer is tieg, I think.",
                            "Now write your answer in uppercase.")
-    other_context = PreferencePair(earlier, "The answer is REGIT.", "x")
+    other_context = PreferencePair(earlier, "The answer is EGIT.", "x")
     got, tokens, mask = _logprobs(params, [base, other_final, other_context])
     # An independent reference: log-softmax of the full logits, summed where the mask is 1.
     np.testing.assert_allclose(got, numpy_response_logprobs(CFG, params, tokens, mask),
                                rtol=1e-4)
     # Only the final answer is counted: the same number of tokens whatever came before...
-    assert mask[0].sum() == mask[2].sum() == len(" The answer is REGIT.") + 1
+    assert mask[0].sum() == mask[2].sum() == len(" The answer is EGIT.") + 1
     # ...and the earlier answer changes the log-prob only as context (the same final tokens,
     # conditioned on another history), while another final answer is another sum.
     assert got[0] != got[1] and got[0] != got[2]
@@ -122,13 +122,13 @@ def test_a_multi_turn_prompt_shows_the_earlier_turns_and_keys_on_every_turn():
     text = judge_lib.render_prompt(TWO_EXCHANGES, "A1", "B1")
     assert text == (
         "[Conversation so far] (both answers below reply to the user request that follows it, "
-        "in its context)\nUser: Reverse the letters of the word 'tiger'.\n\nAssistant: The "
-        "answer is regit.\n\n" + judge_lib.JUDGE_TEMPLATE.format(
+        "in its context)\nUser: Repeat exactly: 'egit'.\n\nAssistant: The "
+        "answer is egit.\n\n" + judge_lib.JUDGE_TEMPLATE.format(
             prompt="Now write your answer in uppercase.", response_a="A1", response_b="B1"))
     key = pairs_lib.cache_key(TWO_EXCHANGES, "A1", "B1", "gpt-4")
     assert key != pairs_lib.cache_key("Now write your answer in uppercase.", "A1", "B1", "gpt-4")
-    other_history = conversation("Reverse the letters of the word 'tiger'.",
-                                 "The answer is tigre.", "Now write your answer in uppercase.")
+    other_history = conversation("Repeat exactly: 'egit'.",
+                                 "The answer is tieg.", "Now write your answer in uppercase.")
     assert pairs_lib.cache_key(other_history, "A1", "B1", "gpt-4") != key
     assert pairs_lib.excerpt(TWO_EXCHANGES) == ("Now write your answer in uppercase. "
                                                 "[after 2 earlier turns]")
@@ -136,9 +136,9 @@ def test_a_multi_turn_prompt_shows_the_earlier_turns_and_keys_on_every_turn():
 
 def test_the_rule_judge_wrapper_judges_the_follow_up_from_the_conversation():
     judge = judge_lib.RuleJudge()
-    verdict = judge.compare(TWO_EXCHANGES, "The answer is TIGER.", "The answer is REGIT.")
+    verdict = judge.compare(TWO_EXCHANGES, "The answer is TIGE.", "The answer is EGIT.")
     assert (verdict["better"], verdict["rating_a"], verdict["rating_b"]) == ("B", 3.0, 10.0)
-    assert judge.rate(TWO_EXCHANGES, "The answer is REGIT.") == 10.0
+    assert judge.rate(TWO_EXCHANGES, "The answer is EGIT.") == 10.0
     assert judge.usage["calls"] == 1
 
 
@@ -180,8 +180,8 @@ MT_PROMPTS = [formats.parse_prompt({"prompt": formats.messages_to_json(c.message
               for c in (TWO_EXCHANGES, conversation("What is 12 * 3?", "The answer is 36.",
                                                     "Reverse your answer.")) ] + [
     formats.parse_prompt({"prompt": "Is 7 even or odd?"})]
-MT_RESPONSES = [["The answer is REGIT.", "The answer is 63.", "The answer is odd."],
-                ["The answer is REGIT, in capitals as you asked.", "63, reversed from 36.",
+MT_RESPONSES = [["The answer is EGIT.", "The answer is 63.", "The answer is odd."],
+                ["The answer is EGIT, in capitals as you asked.", "63, reversed from 36.",
                  "It is odd, since 7 = 2 * 3 + 1."]]
 
 

@@ -19,10 +19,10 @@ def test_every_family_solves_its_own_prompts():
             assert name == family.name and answer
     assert len(synthetic.FAMILIES) >= 6
     assert synthetic.solve("What is 12 * 3?") == ("arithmetic", "36")
-    assert synthetic.solve("Sort these numbers in ascending order: 9, 1, 40.")[1] == "1, 9, 40"
-    assert synthetic.solve("Reverse the letters of the word 'tiger'.")[1] == "regit"
-    assert synthetic.solve("How many times does the letter 'a' appear in the word "
-                           "'banana'?")[1] == "3"
+    assert synthetic.solve("Repeat exactly: 'qzxa'.") == ("copy", "qzxa")
+    assert synthetic.solve("Write in uppercase: 'qzxa'.")[1] == "QZXA"
+    assert synthetic.solve("Give the last letter of: 'qzxa'.") == ("last_letter", "a")
+    assert synthetic.solve("Is 317 even or odd?") == ("parity", "odd")
     assert synthetic.solve("Tell me a joke.") is None
 
 
@@ -89,9 +89,9 @@ def test_follow_ups_are_judged_against_the_correct_earlier_answer():
         wrong = judge.rate(prompt, "The answer is 73.")
         assert not wrong.correct and wrong.score == 3 and "expected '63'" in wrong.reason
     messages = formats.messages_to_json(_conversation(
-        "Reverse the letters of the word 'tiger'.", "The answer is tiger.",
+        "Repeat exactly: 'egit'.", "The answer is tige.",
         "Now write your answer in uppercase.").messages)  # the messages of a pairs file
-    verdict = judge.compare(messages, "The answer is TIGER.", "The answer is REGIT.")
+    verdict = judge.compare(messages, "The answer is TIGE.", "The answer is EGIT.")
     assert (verdict["better"], verdict["rating_a"], verdict["rating_b"]) == ("B", 3, 10)
     # Follow-ups chain, a new question starts over, and an unknown question is not verified.
     chained = _conversation("Is 7 even or odd?", "odd", "Reverse your answer.", "ddo",
@@ -162,11 +162,11 @@ def test_pair_kinds_tell_correctness_length_and_unfinished_apart():
     assert synthetic.pair_kind(parity, "The answer is odd.", synthetic.FILLERS[0]) == \
         "unfinished"
     assert synthetic.pair_kind(parity, "Sure! The answer", "The answer is odd.") == "unfinished"
-    follow_up = [{"role": "user", "content": "Write 'apple river' in uppercase."},
-                 {"role": "assistant", "content": "The answer is APPLE RIVER."},
+    follow_up = [{"role": "user", "content": "Write in uppercase: 'abcd'."},
+                 {"role": "assistant", "content": "The answer is ABCD."},
                  {"role": "user", "content": "Reverse your answer."}]
-    assert synthetic.pair_kind(follow_up, "The answer is REVIR ELPPA.",
-                               "The answer is APPLE RIVER.") == "correct_vs_wrong"
+    assert synthetic.pair_kind(follow_up, "The answer is DCBA.",
+                               "The answer is ABCD.") == "correct_vs_wrong"
 
 
 def test_without_mistakes_every_pair_of_the_suite_is_a_length_pair(tmp_path):
@@ -181,10 +181,25 @@ def test_without_mistakes_every_pair_of_the_suite_is_a_length_pair(tmp_path):
 def test_correct_by_family_counts_only_what_the_suite_verifies():
     verdicts = synthetic.correct_by_family(
         ["Is 7 even or odd?", "Is 8 even or odd?", "What is 2 + 3?", "Tell me a joke.",
-         [{"role": "user", "content": "What is the first letter of the word 'apple'?"},
+         [{"role": "user", "content": "Give the first letter of: 'abcd'."},
           {"role": "assistant", "content": "The answer is a."},
           {"role": "user", "content": "Now write your answer in uppercase."}]],
         ["The answer is odd.", "The answer is odd.", "Sure! The answer is 5.", "Ha.",
          "The answer is A."])
     assert verdicts == {"arithmetic": [True], "first_letter+uppercase": [True],
                         "parity": [True, False]}
+
+
+def test_a_suite_of_some_families_and_padding_after_the_answer(tmp_path):
+    from xwin_jax.errors import ConfigError
+
+    paths = synthetic.write_suite(str(tmp_path), seed=0, num_prompts=200,
+                                  families=["copy", "parity"])
+    families = {synthetic.solve(p.text)[0] for split in synthetic.SPLITS
+                for p in formats.read_prompts(paths[f"prompts_{split}"])}
+    assert families == {"copy", "parity"}
+    with pytest.raises(ConfigError, match="choose one or more of"):
+        synthetic.make_prompts(0, 5, ["count"])
+    # Padding follows the answer, so the answer sits where an unpadded one does.
+    padded = synthetic.imperfect_response("wqnh", np.random.default_rng(0), 0.0, 1.0)
+    assert padded.startswith("The answer is wqnh. ") and len(padded) > 40

@@ -6,10 +6,12 @@ and a rule judge — written in the file formats users bring, so the real code p
                                           # prompts_multiturn_{train,valid,test}.jsonl
     judge = RuleJudge(); judge.rate(prompt, response)  # → Rating(score 1..10, correct, reason)
 
-Every answer is stated as "The answer is X." Families: arithmetic, reversing, sorting,
-counting, case conversion, picking the largest, parity, first letter, last digit, repeating.
-The judge recomputes the answer from the prompt text alone, then scores correctness first and
-concision second.
+Every answer is stated as "The answer is X." Families (FAMILIES): copying a random
+four-letter code, writing it in uppercase, giving its first or last letter, the parity of a
+three-digit number, and arithmetic (the hard column). The judge recomputes the answer from the
+prompt text alone, then scores correctness first and concision second. The SFT responses are
+wrong at a rate (a plausible mistake: the letters scrambled, another letter, a number off by a
+little) and padded at a rate with filler sentences after the answer.
 
 Multi-turn items: a family prompt, an assistant answer, then a follow-up about that answer
 ("Now write your answer in uppercase.", "What is the first character of your answer?",
@@ -31,7 +33,7 @@ import dataclasses
 import hashlib
 import os
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -39,14 +41,7 @@ from xwin_jax import hosts
 from xwin_jax.data import formats
 from xwin_jax.errors import ConfigError
 
-WORDS = ("apple", "river", "planet", "garden", "silver", "window", "tiger", "candle",
-         "forest", "rocket", "pencil", "island", "marble", "thunder", "violin", "harbor",
-         "banana", "castle", "dragon", "engine", "falcon", "guitar", "hammer", "jacket",
-         "kitten", "ladder", "meadow", "needle", "orange", "parrot", "quartz", "rabbit",
-         "saddle", "tomato", "umbrella", "valley", "walnut", "yellow", "zipper", "anchor",
-         "basket", "cactus", "desert", "feather", "glacier", "horizon", "lantern", "mirror",
-         "notebook", "oyster", "pepper", "puzzle", "shadow", "spider", "sunset", "teacup",
-         "tunnel", "velvet", "whistle", "blossom")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 FILLERS = ("Sure! I would be glad to help with that.", "Let me think about this carefully.",
            "This is a great question, and there are a few things to consider.",
            "I hope this helps! Let me know if you have any other questions.")
@@ -61,63 +56,42 @@ class Family:
     solve: Callable[[re.Match], str]  # the answer, from the prompt alone
 
 
-SUITE_VERSION = 5  # bumped whenever write_suite writes something else for the same arguments
+SUITE_VERSION = 6  # bumped whenever write_suite writes something else for the same arguments
+CODE_LENGTH = 4
 
 
-def _words(rng, n):
-    return [str(w) for w in rng.choice(WORDS, size=n, replace=False)]
+def _code(rng) -> str:
+    """A random lowercase string of CODE_LENGTH letters: what the string families transform
+    (random, so no answer can be memorized; one length, so the answer's letters always lie at
+    the same distance back from the answer, which a small model learns to read in minutes)."""
+    return "".join(str(c) for c in rng.choice(list(LETTERS), size=CODE_LENGTH))
+
+
+def _code_family(name: str, instruction: str, solve: Callable[[str], str]) -> Family:
+    """A family "<instruction>: '<code>'." whose answer is solve(code)."""
+    return Family(name, lambda r: f"{instruction}: '{_code(r)}'.",
+                  re.compile(rf"^{re.escape(instruction)}: '([a-z]+)'\.$"),
+                  lambda m: solve(m[1]))
 
 
 FAMILIES = (
+    # Copying a code, converting its case, reading one of its letters or a number's last
+    # digit: the answer is read a fixed distance back, which the quickstart's 0.16M model
+    # learns within its SFT minutes (README: the offline demo) ...
+    _code_family("copy", "Repeat exactly", lambda c: c),
+    _code_family("uppercase", "Write in uppercase", str.upper),
+    _code_family("first_letter", "Give the first letter of", lambda c: c[0]),
+    _code_family("last_letter", "Give the last letter of", lambda c: c[-1]),
+    Family("parity",
+           lambda r: f"Is {r.integers(100, 1000)} even or odd?",
+           re.compile(r"^Is (\d+) even or odd\?$"),
+           lambda m: "even" if int(m[1]) % 2 == 0 else "odd"),
+    # ... and one it does not: arithmetic stays as the hard column.
     Family("arithmetic",
            lambda r: f"What is {r.integers(2, 100)} {r.choice(['+', '-', '*'])} "
                      f"{r.integers(2, 20)}?",
            re.compile(r"^What is (\d+) ([+\-*]) (\d+)\?$"),
            lambda m: str(eval(f"{m[1]}{m[2]}{m[3]}"))),  # noqa: S307 (digits and one operator)
-    Family("reverse",
-           lambda r: f"Reverse the letters of the word '{_words(r, 1)[0]}'.",
-           re.compile(r"^Reverse the letters of the word '(\w+)'\.$"),
-           lambda m: m[1][::-1]),
-    Family("sort",
-           lambda r: "Sort these numbers in ascending order: "
-                     + ", ".join(str(x) for x in r.choice(100, size=r.integers(3, 6),
-                                                          replace=False)) + ".",
-           re.compile(r"^Sort these numbers in ascending order: ([\d, ]+)\.$"),
-           lambda m: ", ".join(str(x) for x in sorted(int(v) for v in m[1].split(", ")))),
-    Family("count",
-           lambda r: (lambda w: f"How many times does the letter '{r.choice(list(w))}' appear "
-                                f"in the word '{w}'?")(_words(r, 1)[0]),
-           re.compile(r"^How many times does the letter '(\w)' appear in the word '(\w+)'\?$"),
-           lambda m: str(m[2].count(m[1]))),
-    Family("uppercase",
-           lambda r: f"Write '{' '.join(_words(r, 2))}' in uppercase.",
-           re.compile(r"^Write '([a-z ]+)' in uppercase\.$"),
-           lambda m: m[1].upper()),
-    Family("largest",
-           lambda r: "Which is the largest of these numbers: "
-                     + ", ".join(str(x) for x in r.choice(1000, size=r.integers(3, 6),
-                                                          replace=False)) + "?",
-           re.compile(r"^Which is the largest of these numbers: ([\d, ]+)\?$"),
-           lambda m: str(max(int(v) for v in m[1].split(", ")))),
-    # Three one-step lookups a tiny model learns from the SFT data within minutes, so the
-    # offline quickstart has mistakes that alignment can fix (the rest need real reasoning).
-    Family("parity",
-           lambda r: f"Is {r.integers(1, 1000)} even or odd?",
-           re.compile(r"^Is (\d+) even or odd\?$"),
-           lambda m: "even" if int(m[1]) % 2 == 0 else "odd"),
-    Family("first_letter",
-           lambda r: f"What is the first letter of the word '{_words(r, 1)[0]}'?",
-           re.compile(r"^What is the first letter of the word '(\w+)'\?$"),
-           lambda m: m[1][0]),
-    Family("last_digit",
-           lambda r: f"What is the last digit of {r.integers(10, 100000)}?",
-           re.compile(r"^What is the last digit of (\d+)\?$"),
-           lambda m: m[1][-1]),
-    Family("repeat",
-           lambda r: f"Repeat the word '{_words(r, 1)[0]}' {r.integers(2, 5)} times, "
-                     f"separated by spaces.",
-           re.compile(r"^Repeat the word '(\w+)' (\d+) times, separated by spaces\.$"),
-           lambda m: " ".join([m[1]] * int(m[2]))),
 )
 
 
@@ -222,12 +196,14 @@ def wrong_answer(answer: str, rng: np.random.Generator) -> str:
 
 def imperfect_response(answer: str, rng: np.random.Generator, wrong_rate: float,
                        verbose_rate: float) -> str:
-    """The SFT response: ideal, or (with the given rates) wrong and/or padded with filler."""
+    """The SFT response: ideal, or (with the given rates) wrong and/or padded with two filler
+    sentences after the answer. (Padding before it would move the answer a varying distance
+    from the prompt: the 0.16M model then learns no string family in the quickstart's SFT.)"""
     stated = wrong_answer(answer, rng) if rng.random() < wrong_rate else answer
     text = ideal_response(stated)
     if rng.random() < verbose_rate:
-        before, after = rng.choice(len(FILLERS), size=2, replace=False)
-        text = f"{FILLERS[before]} {text} {FILLERS[after]}"
+        first, second = rng.choice(len(FILLERS), size=2, replace=False)
+        text = f"{text} {FILLERS[first]} {FILLERS[second]}"
     return text
 
 
@@ -334,9 +310,21 @@ def split_of(prompt: str, valid_fraction: float, test_fraction: float) -> str:
         else "train"
 
 
-def make_prompts(seed: int, count: int) -> list[str]:
-    """`count` distinct prompts, families in turn (a family whose prompts run out, such as
-    reversing one of the words, stops contributing)."""
+def families_named(names: Sequence[str] | None) -> tuple[Family, ...]:
+    """The FAMILIES of those names, in FAMILIES' order (None: all of them)."""
+    if names is None:
+        return FAMILIES
+    known = {f.name for f in FAMILIES}
+    unknown = sorted(set(names) - known)
+    if unknown or not names:
+        raise ConfigError(f"families={list(names)}: choose one or more of {sorted(known)}")
+    return tuple(f for f in FAMILIES if f.name in set(names))
+
+
+def make_prompts(seed: int, count: int, families: Sequence[str] | None = None) -> list[str]:
+    """`count` distinct prompts, the named families (None: all) in turn (a family whose
+    prompts run out, such as the parity of a three-digit number, stops contributing)."""
+    chosen = families_named(families)
     rng = np.random.default_rng(seed)
     seen, prompts = set(), []
     attempts = 0
@@ -344,7 +332,7 @@ def make_prompts(seed: int, count: int) -> list[str]:
         attempts += 1
         if attempts > 100 * count:
             raise ConfigError(f"cannot make {count} distinct prompts")
-        prompt = FAMILIES[attempts % len(FAMILIES)].make(rng)
+        prompt = chosen[attempts % len(chosen)].make(rng)
         if prompt not in seen:
             seen.add(prompt)
             prompts.append(prompt)
@@ -374,8 +362,10 @@ def is_multiturn_item(prompt: str, fraction: float) -> bool:
 def write_suite(out_dir: str, seed: int = 0, num_prompts: int = 3000,
                 valid_fraction: float = 0.1, test_fraction: float = 0.1,
                 wrong_rate: float = 0.3, verbose_rate: float = 0.3,
-                multiturn_fraction: float = 0.15) -> dict[str, str]:
-    """Writes the suite; returns {name: path}. Deterministic in its arguments.
+                multiturn_fraction: float = 0.15,
+                families: Sequence[str] | None = None) -> dict[str, str]:
+    """Writes the suite of the named `families` (None: all); returns {name: path}.
+    Deterministic in its arguments.
 
     A `multiturn_fraction` of the train and valid prompts also makes a multi-turn item (a
     follow-up about the answer: the module docstring), appended to sft_train, sft_valid,
@@ -386,7 +376,7 @@ def write_suite(out_dir: str, seed: int = 0, num_prompts: int = 3000,
     rng = np.random.default_rng([seed, 1])
     judge = RuleJudge()
     by_split = {s: [] for s in SPLITS}
-    for prompt in make_prompts(seed, num_prompts):
+    for prompt in make_prompts(seed, num_prompts, families):
         by_split[split_of(prompt, valid_fraction, test_fraction)].append(prompt)
 
     def pair(prompt, first, second):  # prompt: a str, or the messages of a multi-turn prompt

@@ -5,9 +5,10 @@ the offline MT-Bench run (gin/experiments/tiny_mt_bench.gin, evaluate/mt_bench.p
                                                     # reference_answer/gpt-4.jsonl
     RuleGrader().grade(question, answers, turn, reference)  # "... Rating: [[N]]"
 
-Turn 1 is a prompt of the synthetic suite (data/synthetic.py: FAMILIES), each family under one
-of FastChat's categories (so the per-category temperatures and the reference-based prompts
-for math, reasoning and coding all run); turn 2 asks for the turn-1 answer again, transformed
+Turn 1 is a prompt of the synthetic suite (data/synthetic.py: FAMILIES), FastChat's categories
+given in turn (CATEGORIES: with two questions a family all eight appear, so the per-category
+temperatures and the reference-based prompts for math, reasoning and coding all run);
+turn 2 asks for the turn-1 answer again, transformed
 ("Now write your answer in uppercase."), so it depends on turn 1. Every question records its
 `family` and `expected` answers (one a turn), which FastChat's readers carry along; the
 reference answers (FastChat's format) state them for the questions of NEED_REF_CATS.
@@ -32,11 +33,11 @@ from xwin_jax.data.synthetic import FAMILIES, ideal_response, rate_answer, solve
 from xwin_jax.errors import ConfigError
 from xwin_jax.evaluate.mt_bench_prompts import NEED_REF_CATS, answer_record
 
-VERSION = 1  # bumped whenever write_questions writes something else for the same arguments
-CATEGORY_OF_FAMILY = {"arithmetic": "math", "sort": "coding", "largest": "reasoning",
-                      "count": "reasoning", "parity": "reasoning", "reverse": "writing",
-                      "repeat": "roleplay", "uppercase": "extraction", "last_digit": "stem",
-                      "first_letter": "humanities"}
+VERSION = 2  # bumped whenever write_questions writes something else for the same arguments
+# FastChat's eight categories, given to the questions in turn (so two rounds of the suite's
+# six families reach all eight; math, reasoning and coding show the judge a reference).
+CATEGORIES = ("math", "reasoning", "coding", "writing", "roleplay", "extraction", "stem",
+              "humanities")
 FOLLOW_UPS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("Now write your answer in uppercase.", str.upper),
     ("Now write your answer backwards.", lambda answer: answer[::-1]),
@@ -46,8 +47,8 @@ REFERENCE_MODEL = "gpt-4"  # FastChat's reference answers are reference_answer/g
 
 
 def make_questions(seed: int = 0, per_family: int = 2) -> list[dict]:
-    """FastChat question records: `per_family` per family, families in turn, follow-ups in
-    turn; question_id from 1."""
+    """FastChat question records: `per_family` per family, families, categories and
+    follow-ups in turn; question_id from 1."""
     if per_family < 1:
         raise ConfigError(f"per_family={per_family}: need at least 1 question a family")
     rng = np.random.default_rng([seed, 7])
@@ -64,7 +65,7 @@ def make_questions(seed: int = 0, per_family: int = 2) -> list[dict]:
             follow_up, transform = FOLLOW_UPS[len(questions) % len(FOLLOW_UPS)]
             answer = solve(prompt)[1]
             questions.append({"question_id": len(questions) + 1,
-                              "category": CATEGORY_OF_FAMILY.get(family.name, "writing"),
+                              "category": CATEGORIES[len(questions) % len(CATEGORIES)],
                               "turns": [prompt, follow_up], "family": family.name,
                               "expected": [answer, transform(answer)]})
     return questions

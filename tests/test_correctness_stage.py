@@ -71,6 +71,26 @@ def test_the_reward_model_by_pair_kind_and_the_policies_by_family(tmp_path, caps
         pipeline.correctness_stage(str(workdir), CFG, policies=("sft", "dpo"), seq_len=128)
 
 
+def test_the_stage_scores_with_the_system_line_the_reward_model_was_trained_with(
+        tmp_path, monkeypatch):
+    workdir = _workdir(tmp_path)
+    scorer = RewardScorer.load(str(workdir / "reward" / "final"), CFG)
+    prompts, chosen = [p for p, _, _ in PAIRS], [c for _, c, _ in PAIRS]
+    without, xwin = (scorer.score_texts(prompts, chosen, ByteVocabulary(), seq_len=128,
+                                        system=system) for system in ("", None))
+    assert not np.allclose(without, xwin)  # the system line changes what the RM reads
+    systems = []
+    score_texts = RewardScorer.score_texts
+
+    def recording(self, *args, system=None, **kwargs):
+        systems.append(system)
+        return score_texts(self, *args, system=system, **kwargs)
+
+    monkeypatch.setattr(RewardScorer, "score_texts", recording)
+    pipeline.correctness_stage(str(workdir), CFG, policies=("sft",), seq_len=128, system="")
+    assert systems == ["", ""]  # chosen, then rejected
+
+
 def test_the_report_shows_both_tables_and_no_row_for_the_stage(tmp_path):
     results = {
         "reward": {"final_eval": {"accuracy": 0.5}, "wall_time_s": 3.0},

@@ -170,11 +170,12 @@ def task_accuracy_by_family(outputs: list[dict]) -> dict[str, float]:
 def evaluate_policy(workdir: str, name: str, model: LlamaConfig, judge: Any, *,
                     reference: str = "sft", reward_stage: str = "reward",
                     max_new_tokens: int = 96, temperature: float = 0.7, batch_size: int = 64,
-                    reward_seq_len: int = 512, seed: int = 0,
+                    reward_seq_len: int = 512, system: str | None = None, seed: int = 0,
                     partitioner: Partitioner | None = None) -> dict:
     """WORKDIR/eval/<name>: the policy WORKDIR/<name>/final answers the held-out prompts
     (outputs/), the judge compares them with the `reference` policy's (vs_<reference>/), and
-    the summary holds the report's row."""
+    the summary holds the report's row. `system`: the chat template's system line the
+    policies and the reward model were trained with (None: Xwin's)."""
     policy_dir = os.path.join(workdir, name, "final")
     reward_dir = os.path.join(workdir, reward_stage, "final")
     prompts = stage_file(workdir, "held_out_prompts.jsonl")
@@ -184,7 +185,8 @@ def evaluate_policy(workdir: str, name: str, model: LlamaConfig, judge: Any, *,
         outputs_dir = os.path.join(stage_dir, "outputs")
         generate_job(prompts, outputs_dir, model, ckpt_dir=policy_dir, generator=name,
                      batch_size=batch_size, max_new_tokens=max_new_tokens,
-                     temperature=temperature, seed=seed, partitioner=partitioner)
+                     temperature=temperature, system=system, seed=seed,
+                     partitioner=partitioner)
         outputs = load_outputs(outputs_dir)
         against = (os.path.join(outputs_dir, ALPACA_EVAL_FILE) if name == reference
                    else reference_outputs)
@@ -192,7 +194,8 @@ def evaluate_policy(workdir: str, name: str, model: LlamaConfig, judge: Any, *,
         row = pairwise.evaluate_job(os.path.join(outputs_dir, ALPACA_EVAL_FILE), against,
                                     compared, judge, name=name, seed=seed,
                                     reward_dir=reward_dir, reward_seq_len=reward_seq_len,
-                                    model=model, partitioner=partitioner)
+                                    reward_system=system, model=model,
+                                    partitioner=partitioner)
         with open(os.path.join(compared, pairwise.ANNOTATIONS_FILE)) as f:
             annotations = json.load(f)
         return {"policy": name, "policy_dir": policy_dir,
@@ -212,6 +215,8 @@ def evaluate_policy(workdir: str, name: str, model: LlamaConfig, judge: Any, *,
                 "reference": None if name == reference else file_identity(reference_outputs),
                 "max_new_tokens": max_new_tokens, "temperature": temperature,
                 "reward_seq_len": reward_seq_len, "seed": seed}
+    if system is not None:  # only when set: older finished stages stay valid
+        settings["system"] = system
     return run_stage(os.path.join(workdir, EVAL_DIR, name), f"{EVAL_DIR}/{name}", settings,
                      body)
 
@@ -224,12 +229,13 @@ def _pair_prompt(pair: formats.PreferencePair):
 
 
 def reward_accuracy_by_kind(scorer: rewards.RewardScorer, pairs: list[formats.PreferencePair],
-                            vocab, seq_len: int) -> dict:
+                            vocab, seq_len: int, system: str | None = None) -> dict:
     """The reward model on every pair (chosen scored above rejected), overall and by
     synthetic.pair_kind."""
     chosen, rejected = (scorer.score_texts([p.prompt for p in pairs],
                                            [getattr(p, side) for p in pairs], vocab,
-                                           seq_len=seq_len) for side in ("chosen", "rejected"))
+                                           seq_len=seq_len, system=system)
+                        for side in ("chosen", "rejected"))
     correct = chosen > rejected
     kinds = np.asarray([synthetic.pair_kind(_pair_prompt(p), p.chosen, p.rejected)
                         for p in pairs])
@@ -242,11 +248,13 @@ def reward_accuracy_by_kind(scorer: rewards.RewardScorer, pairs: list[formats.Pr
 def correctness_stage(workdir: str, model: LlamaConfig,
                       policies: Sequence[str] = ("sft", "rejection", "ppo", "dpo"), *,
                       reward_stage: str = "reward", seq_len: int = 512,
+                      system: str | None = None,
                       partitioner: Partitioner | None = None) -> dict:
     """WORKDIR/eval/correctness: what the suite can check of the demo's models. The reward
     model's accuracy on every held-out pair of the suite (suite/pairs_valid.jsonl), by pair
     kind (correct vs wrong, length, unfinished: synthetic.pair_kind), and each evaluated
-    policy's held-out task accuracy by family (from eval/<policy>/outputs)."""
+    policy's held-out task accuracy by family (from eval/<policy>/outputs). `system`: the
+    chat template's system line the reward model was trained with (None: Xwin's)."""
     reward_dir = os.path.join(workdir, reward_stage, "final")
     pairs_path = stage_file(workdir, "suite/pairs_valid.jsonl")
     outputs = {name: os.path.join(workdir, EVAL_DIR, name, "outputs") for name in policies}
@@ -254,7 +262,8 @@ def correctness_stage(workdir: str, model: LlamaConfig,
     def body(stage_dir):
         scorer = rewards.RewardScorer.load(reward_dir, model, partitioner)
         pairs = formats.read_pairs(pairs_path).records
-        reward = reward_accuracy_by_kind(scorer, pairs, scorer.checkpoint.vocabulary, seq_len)
+        reward = reward_accuracy_by_kind(scorer, pairs, scorer.checkpoint.vocabulary, seq_len,
+                                         system)
         kinds = ", ".join(f"{k} {v['accuracy']:.3f} ({v['pairs']})"
                           for k, v in reward["by_kind"].items())
         print(f"[{CORRECTNESS_STAGE}] reward model on {reward['pairs']} held-out pairs: "
@@ -267,5 +276,7 @@ def correctness_stage(workdir: str, model: LlamaConfig,
                 "pairs": file_identity(pairs_path), "seq_len": seq_len,
                 "outputs": {name: file_identity(os.path.join(path, OUTPUTS_FILE))
                             for name, path in outputs.items()}}
+    if system is not None:  # only when set: older finished stages stay valid
+        settings["system"] = system
     return run_stage(os.path.join(workdir, CORRECTNESS_STAGE), CORRECTNESS_STAGE, settings,
                      body)

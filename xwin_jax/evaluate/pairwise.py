@@ -148,13 +148,15 @@ def judge_outputs(matched: Sequence[tuple[dict, dict]], judge: Any, cache_path: 
 
 
 def reward_model_scores(scorer: RewardScorer, matched: Sequence[tuple[dict, dict]], vocab,
-                        seq_len: int = 1024, batch_size: int = 16) -> dict:
-    """The RM's normalised reward of both sides and its win rate for the model."""
+                        seq_len: int = 1024, batch_size: int = 16,
+                        system: str | None = None) -> dict:
+    """The RM's normalised reward of both sides and its win rate for the model (`system`: the
+    chat template's system line, as in rewards.RewardScorer.score_texts)."""
     instructions = [m["instruction"] for m, _ in matched]
     # Both sides in one call: one compilation of the scoring function.
     rewards = scorer.score_texts(instructions * 2, [m["output"] for m, _ in matched]
                                  + [r["output"] for _, r in matched], vocab, seq_len=seq_len,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, system=system)
     model_rewards, reference_rewards = np.split(rewards, 2)
     wins = np.where(model_rewards > reference_rewards, 1.0,
                     np.where(model_rewards < reference_rewards, 0.0, 0.5))
@@ -192,7 +194,7 @@ def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, ju
                  name: str | None = None, seed: int = 0, concurrency: int = 8,
                  reward_dir: str | None = None, vocabulary: Any = None,
                  reward_seq_len: int = 1024, reward_batch_size: int = 32,
-                 model: LlamaConfig | None = None,
+                 reward_system: str | None = None, model: LlamaConfig | None = None,
                  partitioner: Partitioner | None = None,
                  instruction_difficulty: str | None = None) -> dict:
     """Judges MODEL_OUTPUTS against REFERENCE_OUTPUTS into OUTPUT_DIR, the 'evaluate' stage
@@ -202,8 +204,9 @@ def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, ju
     (AlpacaEval's columns, n_unjudged, judge, mean ratings, the RM columns when reward_dir
     is set, length_controlled_variant) and the files' paths. With
     `reward_dir`, the outputs are also scored by that reward model, tokenized with the
-    vocabulary it records unless `vocabulary` says otherwise; `model` sets its numerics.
-    With `instruction_difficulty` (AlpacaEval's df_gamed.csv, or its
+    vocabulary it records unless `vocabulary` says otherwise, with the chat template's system
+    line `reward_system` (None: Xwin's) as the reward model was trained; `model` sets its
+    numerics. With `instruction_difficulty` (AlpacaEval's df_gamed.csv, or its
     instruction_difficulty.csv), the LC is AlpacaEval 2.0's GLM; an instruction's index in
     that file is its position in REFERENCE_OUTPUTS, as in alpaca_eval (a DataFormatError
     before any judging names the instructions the file lacks)."""
@@ -227,6 +230,8 @@ def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, ju
                                                    checkpoint.config.vocab_size,
                                                    checkpoint.path),
                   "seq_len": reward_seq_len}
+        if reward_system is not None:  # only when set: older finished stages stay valid
+            reward["system"] = reward_system
     settings = {"model_outputs": fingerprint.file_identity(model_outputs),
                 "reference_outputs": fingerprint.file_identity(reference_outputs),
                 "judge": judge, "name": name, "seed": seed, "reward_model": reward}
@@ -237,7 +242,7 @@ def evaluate_job(model_outputs: str, reference_outputs: str, output_dir: str, ju
         scorer = RewardScorer.load(reward_dir, model, partitioner or Partitioner())
         divisor = scorer.partitioner.batch_divisor  # the batch is sharded over (data, fsdp)
         return reward_model_scores(scorer, matched, reward["vocabulary"], reward_seq_len,
-                                   -(-reward_batch_size // divisor) * divisor)
+                                   -(-reward_batch_size // divisor) * divisor, reward_system)
 
     def body(stage_dir: str) -> dict:
         # The judge is asked once (host 0 on N hosts); the scoring in _report runs everywhere.

@@ -4,10 +4,13 @@ training steps (issue 18: what it takes for correctness, not length, to be learn
 
     python bench/demo_curves.py                       # the quickstart's tiny model, then 0.87M
     python bench/demo_curves.py --sizes 64x2 --sft_steps 250,500 --rm_steps 150
+    python bench/demo_curves.py --sizes 64x2 --system '' --seq_len 256 --batch_size 16 \
+        --families copy,uppercase,first_letter,last_letter --rm_steps ''
 
-Each size is one SFT run with the quickstart's data, batch and sequence length (the suite,
-Xwin's template with its system line, 8 × 512 packed rows, AdamW with cosine decay over the
-longest step count), its held-out accuracy measured at each requested step by sampling the
+Each size is one SFT run on the suite (by default all its families, 6000 prompts, the
+quickstart's template without a system line, 12 × 320 packed rows; --system, --families,
+--num_prompts, --seq_len and --batch_size change them), AdamW with cosine decay over the
+longest step count, its held-out accuracy measured at each requested step by sampling the
 quickstart's 384 held-out prompts at temperature 0.7 (and greedily). From the SFT weights at
 the last step, one reward-model run on the suite's train pairs (16 pairs a step), scored on
 every held-out pair at each requested step, by kind (synthetic.pair_kind). One JSON line per
@@ -30,7 +33,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xwin_jax import sampling  # noqa: E402
-from xwin_jax.data import converters, formats, synthetic  # noqa: E402
+from xwin_jax.data import converters, formats, synthetic, template  # noqa: E402
 from xwin_jax.data.pairs_data import PairsData  # noqa: E402
 from xwin_jax.data.sft_data import SftData  # noqa: E402
 from xwin_jax.data.vocabulary import ByteVocabulary  # noqa: E402
@@ -62,10 +65,11 @@ def make_step(loss_fn, tx):
     return step
 
 
-def held_out_accuracy(params, cfg, prompts, vocab, temperature, max_new_tokens, batch=64):
+def held_out_accuracy(params, cfg, prompts, vocab, temperature, max_new_tokens, batch=64,
+                      system=None):
     """(overall accuracy, {family: accuracy}, finished share) of one sample per prompt."""
     ids = [converters.prompt_ids(formats.Conversation((formats.Message(formats.USER, p),)),
-                                 vocab, 256) for p in prompts]
+                                 vocab, 256, system) for p in prompts]
     responses, finished = [], []
     for first in range(0, len(ids), batch):
         chunk = ids[first:first + batch]
@@ -102,7 +106,8 @@ def run_size(size, args, paths, held_out, vocab, log):
     cfg = model_config(size)
     lr = args.lr or (3e-3 if cfg.hidden_size <= 64 else 1e-3)
     sft_steps = sorted(int(s) for s in args.sft_steps.split(","))
-    data = SftData([paths["sft_train"]], seq_len=512, batch_size=8, vocabulary=vocab)
+    data = SftData([paths["sft_train"]], seq_len=args.seq_len, batch_size=args.batch_size,
+                   vocabulary=vocab, system=args.system)
     tx, _ = OptimizerConfig(learning_rate=lr, warmup_steps=20).build(sft_steps[-1])
     step = make_step(sft_loss_fn(cfg), tx)
     params = init_params(cfg, jax.random.key(0))
@@ -116,7 +121,7 @@ def run_size(size, args, paths, held_out, vocab, log):
             train_s = time.perf_counter() - began
             for temperature in (0.7, 0.0):
                 acc, fam, fin = held_out_accuracy(params, cfg, held_out, vocab, temperature,
-                                                  args.max_new_tokens)
+                                                  args.max_new_tokens, system=args.system)
                 log({"stage": "sft", "size": size, "params_m": round(cfg.num_params() / 1e6, 3),
                      "steps": i, "temperature": temperature, "loss": round(float(loss), 4),
                      "accuracy": round(acc, 3), "finished": round(fin, 3), "by_family": fam,
@@ -124,8 +129,10 @@ def run_size(size, args, paths, held_out, vocab, log):
     rm_steps = sorted(int(s) for s in args.rm_steps.split(",") if s)
     if not rm_steps:
         return
-    train = PairsData([paths["pairs_train"]], seq_len=512, batch_size=16, vocabulary=vocab)
-    valid = PairsData([paths["pairs_valid"]], seq_len=512, batch_size=1, vocabulary=vocab)
+    train = PairsData([paths["pairs_train"]], seq_len=args.seq_len, batch_size=16,
+                      vocabulary=vocab, system=args.system)
+    valid = PairsData([paths["pairs_valid"]], seq_len=args.seq_len, batch_size=1,
+                      vocabulary=vocab, system=args.system)
     kinds = np.asarray([synthetic.pair_kind(p.prompt.messages if len(p.prompt.messages) > 1
                                             else p.prompt.messages[0].content,
                                             p.chosen, p.rejected) for p in valid.pairs])
@@ -154,17 +161,33 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="SFT peak learning rate (default: 3e-3 at hidden 64, else 1e-3)")
     parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--system", default="",
+                        help="the chat template's system line ('': none, as the quickstart; "
+                             "'xwin': Xwin's)")
+    parser.add_argument("--families", default="",
+                        help="the suite's families, comma-separated (default: all)")
+    parser.add_argument("--num_prompts", type=int, default=6000)
+    parser.add_argument("--seq_len", type=int, default=320)
+    parser.add_argument("--batch_size", type=int, default=12)
     parser.add_argument("--workdir", default="/tmp/demo_curves")
     parser.add_argument("--out", default="bench/demo_curves.jsonl")
     args = parser.parse_args()
-    paths = synthetic.write_suite(os.path.join(args.workdir, "suite"), seed=0, num_prompts=3000)
+    args.system = template.XWIN_SYSTEM if args.system == "xwin" else args.system
+    paths = synthetic.write_suite(os.path.join(args.workdir, "suite"), seed=0,
+                                  num_prompts=args.num_prompts,
+                                  families=args.families.split(",") if args.families else None)
     held_out = [json.loads(line)["prompt"] for name in ("prompts_test", "prompts_valid")
                 for line in open(paths[name], encoding="utf-8")][:384]
     vocab = ByteVocabulary()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; suite v"
           f"{synthetic.SUITE_VERSION}, {len(held_out)} held-out prompts", flush=True)
 
+    setting = {"suite": f"v{synthetic.SUITE_VERSION}", "families": args.families or "all",
+               "system": "xwin" if args.system else "none",
+               "rows": f"{args.batch_size}x{args.seq_len}", "prompts": args.num_prompts}
+
     def log(record):
+        record = {**setting, **record}
         print(json.dumps(record), flush=True)
         with open(args.out, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

@@ -109,3 +109,20 @@ def test_the_report_shows_both_tables_and_no_row_for_the_stage(tmp_path):
     assert "| policy | arithmetic | parity |" in text
     assert "| sft | 0.00 | 1.00 |" in text
     json.dumps(results)  # what the pipeline returns stays JSON
+
+
+def test_the_data_stage_writes_the_families_it_is_given(tmp_path):
+    from xwin_jax.data import synthetic
+    from xwin_jax.errors import ConfigError
+
+    summary = pipeline.data_stage(str(tmp_path), num_prompts=120, annotate_prompts=32,
+                                  rejection_prompts=16, eval_prompts=16,
+                                  families=["copy", "arithmetic"])
+    for name in ("held_out_prompts", "annotate_prompts", "rejection_prompts", "sft_train"):
+        records = formats.read_sft(summary["paths"][name]).records if name == "sft_train" \
+            else formats.read_prompts(summary["paths"][name]).records
+        texts = [r.turns[0].content if name == "sft_train" else r.conversation.messages[0].content
+                 for r in records]
+        assert {synthetic.solve(t)[0] for t in texts} == {"copy", "arithmetic"}, name
+    with pytest.raises(ConfigError, match="choose one or more of"):
+        pipeline.data_stage(str(tmp_path / "b"), families=["count"])

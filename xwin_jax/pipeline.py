@@ -113,12 +113,17 @@ def annotate_prompt_records(single: list[dict], multiturn: list[dict], count: in
 
 def data_stage(workdir: str, seed: int = 0, num_prompts: int = 3000,
                annotate_prompts: int = 1024, rejection_prompts: int = 512,
-               eval_prompts: int = 384, annotate_multiturn_fraction: float = 0.125) -> dict:
-    """The suite, plus the prompt subsets the sampling stages and the evaluation read. The
-    annotate prompts include a share of multi-turn ones (annotate_prompt_records); the
-    rejection-sampling and held-out prompts are single-turn (AlpacaEval-style evaluation)."""
+               eval_prompts: int = 384, annotate_multiturn_fraction: float = 0.125,
+               families: Sequence[str] | None = None) -> dict:
+    """The suite (of the named `families`; None: all), plus the prompt subsets the sampling
+    stages and the evaluation read. The annotate prompts include a share of multi-turn ones
+    (annotate_prompt_records); the rejection-sampling and held-out prompts are single-turn
+    (AlpacaEval-style evaluation)."""
+    synthetic.families_named(families)  # an unknown name fails now, naming the known ones
+
     def body(stage_dir):
-        paths = synthetic.write_suite(os.path.join(stage_dir, "suite"), seed, num_prompts)
+        paths = synthetic.write_suite(os.path.join(stage_dir, "suite"), seed, num_prompts,
+                                      families=families)
         # Held-out prompts: the test and valid splits (no policy or RM trains on either).
         held_out = _read_jsonl(paths["prompts_test"]) + _read_jsonl(paths["prompts_valid"])
         train = _read_jsonl(paths["prompts_train"])
@@ -138,6 +143,8 @@ def data_stage(workdir: str, seed: int = 0, num_prompts: int = 3000,
                 "rejection_prompts": rejection_prompts, "eval_prompts": eval_prompts,
                 "annotate_multiturn_fraction": annotate_multiturn_fraction,
                 "suite_version": synthetic.SUITE_VERSION}
+    if families is not None:  # only when set: older finished stages stay valid
+        settings["families"] = list(families)
     return run_stage(os.path.join(workdir, DATA_STAGE), DATA_STAGE, settings, body)
 
 

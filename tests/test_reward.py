@@ -69,14 +69,15 @@ def test_pairs_batches_are_deterministic_per_step(pairs):
 
 
 def _sentencepiece(tmp_path, suite):
-    """A small SentencePiece tokenizer trained on the suite's pairs."""
+    """A small SentencePiece tokenizer trained on the suite's pairs (the suite's text has
+    fewer than 500 pieces)."""
     sentencepiece = pytest.importorskip("sentencepiece")
     records = [json.loads(line) for line in open(suite["pairs_train"])]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"USER: {r['prompt']} ASSISTANT: {r['chosen']}"
                                 for r in records))
     sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=500, bos_id=1,
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400, bos_id=1,
         eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True, character_coverage=0.99,
         minloglevel=2)
     return SentencePieceVocabulary(str(tmp_path / "sp.model"))

@@ -228,13 +228,6 @@ def evaluate_policy(workdir: str, name: str, model: LlamaConfig, judge: Any, *,
                      body)
 
 
-def _pair_prompt(pair: formats.PreferencePair):
-    """The prompt as the rule judge reads it: the text of a one-turn prompt, else the
-    messages."""
-    messages = pair.prompt.messages
-    return messages[0].content if len(messages) == 1 else messages
-
-
 def reward_accuracy_by_kind(scorer: rewards.RewardScorer, pairs: list[formats.PreferencePair],
                             vocab, seq_len: int, system: str | None = None) -> dict:
     """The reward model on every pair (chosen scored above rejected), overall and by
@@ -244,7 +237,7 @@ def reward_accuracy_by_kind(scorer: rewards.RewardScorer, pairs: list[formats.Pr
                                            seq_len=seq_len, system=system)
                         for side in ("chosen", "rejected"))
     correct = chosen > rejected
-    kinds = np.asarray([synthetic.pair_kind(_pair_prompt(p), p.chosen, p.rejected)
+    kinds = np.asarray([synthetic.pair_kind(p.prompt, p.chosen, p.rejected)
                         for p in pairs])
     return {"accuracy": float(correct.mean()), "pairs": len(pairs),
             "by_kind": {kind: {"accuracy": float(correct[kinds == kind].mean()),

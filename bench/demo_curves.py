@@ -18,10 +18,11 @@ saved in --workdir and read back by a later run of the same setting. Then the SF
 ranking of the held-out pairs by response log-likelihood (what its trunk already knows), and
 from its weights one reward-model run per --rm_lr on the suite's train pairs (--rm_pairs: all,
 or only the correct-vs-wrong ones, or only those of equal length; --rm_readout: Xwin's
-last-token head, a mean over tokens, or DPO's implicit reward), scored on every held-out pair
-at each requested step, by kind (synthetic.pair_kind) and, for correct-vs-wrong pairs, by
-family and whether the correct side is shorter, as long or longer. One JSON line per
-measurement is printed and appended to --out. Not a test: nothing here gates CI.
+last-token head, a mean over tokens, or DPO's implicit reward, summed or per token), scored
+on every held-out pair at each requested step, by kind (synthetic.pair_kind) and, for
+correct-vs-wrong pairs, by family and whether the correct side is shorter, as long or longer.
+One JSON line per measurement is printed and appended to --out. Not a test: nothing here
+gates CI.
 """
 
 from __future__ import annotations
@@ -229,19 +230,23 @@ def mean_readout_loss_fn(cfg, over):
     return loss_fn
 
 
-def implicit_rewards(cfg, reference, params, batch):
+def implicit_rewards(cfg, reference, params, batch, per_token=False):
     """(r_chosen, r_rejected) = log pi(y|x) - log pi_ref(y|x) with pi started from and
     pi_ref frozen at the SFT weights: DPO's implicit reward model, trained here with the same
     pairwise loss on the same pairs (beta 0.1) — a reward that reads the language model's own
     likelihood of each token instead of one scalar head at the last one."""
     ref_chosen, ref_rejected = pair_logprobs(cfg, reference, batch)
     chosen, rejected = pair_logprobs(cfg, params, batch)
+    if per_token:  # the log-ratio per response token: padding no longer adds up
+        chosen_tokens, rejected_tokens = (jnp.maximum(jnp.sum(
+            batch[f"{side}_response_mask"][:, 1:], axis=-1), 1) for side in ("chosen", "rejected"))
+        return (chosen - ref_chosen) / chosen_tokens, (rejected - ref_rejected) / rejected_tokens
     return chosen - ref_chosen, rejected - ref_rejected
 
 
-def implicit_loss_fn(cfg, reference, beta=0.1):
+def implicit_loss_fn(cfg, reference, beta=0.1, per_token=False):
     def loss_fn(params, batch):
-        chosen, rejected = implicit_rewards(cfg, reference, params, batch)
+        chosen, rejected = implicit_rewards(cfg, reference, params, batch, per_token)
         return LossOutput(jnp.sum(-jax.nn.log_sigmoid(beta * (chosen - rejected))),
                           jnp.asarray(chosen.shape[0], jnp.float32), {}, "num_pairs")
     return loss_fn
@@ -261,10 +266,11 @@ def train_reward(size, cfg, sft_params, lr, args, paths, vocab, log):
     rm_params = heads.reward_params_from_trunk(sft_params, cfg, jax.random.key(0))
     if args.rm_readout == "last":
         score, loss_fn = jax.jit(lambda p, b: pair_rewards(model, p, b)), reward_loss_fn(cfg)
-    elif args.rm_readout == "implicit":
-        rm_params = sft_params
-        score = jax.jit(lambda p, b: implicit_rewards(cfg, sft_params, p, b))
-        loss_fn = implicit_loss_fn(cfg, sft_params)
+    elif args.rm_readout.startswith("implicit"):
+        rm_params, per_token = sft_params, args.rm_readout == "implicit_per_token"
+        score = jax.jit(lambda p, b: implicit_rewards(cfg, sft_params, p, b, per_token))
+        loss_fn = implicit_loss_fn(cfg, sft_params, beta=1.0 if per_token else 0.1,
+                                   per_token=per_token)
     else:
         over = "response" if args.rm_readout == "response_mean" else "all"
         score = jax.jit(lambda p, b: mean_rewards(model, p, b, over))
@@ -299,10 +305,12 @@ def main() -> None:
                         choices=("all", "correct_vs_wrong", "as_long"),
                         help="the suite's train pairs the reward model sees (train_pairs_file)")
     parser.add_argument("--rm_readout", default="last",
-                        choices=("last", "response_mean", "mean", "implicit"),
+                        choices=("last", "response_mean", "mean", "implicit",
+                                 "implicit_per_token"),
                         help="the score of a sequence: the head at its last token (Xwin's), "
                              "the mean of the head over the response's tokens or over all, "
-                             "or DPO's implicit reward (implicit_rewards)")
+                             "or DPO's implicit reward, summed or per response token "
+                             "(implicit_rewards)")
     parser.add_argument("--rm_batch", type=int, default=16, help="reward-model pairs a step")
     parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--system", default="",
